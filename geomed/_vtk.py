@@ -1,0 +1,108 @@
+"""Conversions between :class:`~geomed.mesh.Mesh` and ``vtkPolyData``, and vtk error capture."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import numpy as np
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkPoints, vtkStringOutputWindow
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
+from vtkmodules.vtkFiltersCore import vtkTriangleFilter
+
+from .mesh import Mesh
+
+
+class VTKError(RuntimeError):
+    """Errors reported by vtk during one captured call."""
+
+
+@contextlib.contextmanager
+def captured_vtk_errors() -> Iterator[vtkStringOutputWindow]:
+    """Route vtk's messages to a string buffer for the duration of the block, then restore the previous window.
+
+    vtk prints errors to stderr and carries on with an empty output; inside this block they are collected so the
+    caller can raise one clear Python error instead. Raises :class:`VTKError` at exit if vtk reported an error.
+    """
+    previous = vtkOutputWindow.GetInstance()
+    window = vtkStringOutputWindow()
+    vtkOutputWindow.SetInstance(window)
+    try:
+        yield window
+    finally:
+        vtkOutputWindow.SetInstance(previous)
+    messages = _error_messages(window.GetOutput())
+    if messages:
+        raise VTKError(messages[0])
+
+
+def _error_messages(text: str) -> list[str]:
+    messages = []
+    for block in re.split(r"\n(?=\S)", text):
+        if "ERROR" in block or "ERR|" in block:
+            line = next((ln for ln in block.splitlines() if ln.strip()), "").strip()
+            messages.append(re.sub(r"^.*?(ERR\||ERROR:?)\s*", "", line))
+    return [m for m in messages if m] or ([] if "ERR" not in text and "ERROR" not in text else [text.strip()])
+
+
+def _to_numpy(array) -> np.ndarray:
+    values = numpy_support.vtk_to_numpy(array).copy()
+    return values
+
+
+def polydata_to_mesh(polydata: vtkPolyData, source: str) -> Mesh:
+    """Convert polygons (triangulated if needed) and their point/cell arrays into a Mesh.
+
+    Vertices, lines and strips are not surface triangles: strips are triangulated, vertices and lines dropped.
+    """
+    if polydata.GetNumberOfPolys() + polydata.GetNumberOfStrips() == 0:
+        raise ValueError(f"{source} has no surface polygons (found {polydata.GetNumberOfCells()} cells, none a polygon)")
+    needs_triangulation = polydata.GetNumberOfStrips() > 0 or polydata.GetNumberOfVerts() + polydata.GetNumberOfLines() > 0
+    if not needs_triangulation:
+        offsets = _to_numpy(polydata.GetPolys().GetOffsetsArray())
+        needs_triangulation = bool(np.any(np.diff(offsets) != 3))
+    if needs_triangulation:
+        triangulate = vtkTriangleFilter()
+        triangulate.SetInputData(polydata)
+        triangulate.PassVertsOff()
+        triangulate.PassLinesOff()
+        triangulate.Update()
+        polydata = triangulate.GetOutput()
+    vertices = _to_numpy(polydata.GetPoints().GetData()).astype(np.float64)
+    triangles = _to_numpy(polydata.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
+    point_data = _arrays(polydata.GetPointData())
+    cell_data = _arrays(polydata.GetCellData())
+    return Mesh(vertices, triangles, point_data, cell_data)
+
+
+def _arrays(data) -> dict[str, np.ndarray]:
+    arrays = {}
+    for index in range(data.GetNumberOfArrays()):
+        array = data.GetArray(index)
+        if array is None or not array.GetName():
+            continue
+        arrays[array.GetName()] = _to_numpy(array)
+    return arrays
+
+
+def mesh_to_polydata(mesh: Mesh) -> vtkPolyData:
+    """Build a vtkPolyData holding the mesh's triangles and arrays (deep copies)."""
+    polydata = vtkPolyData()
+    points = vtkPoints()
+    points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(mesh.vertices), deep=True))
+    polydata.SetPoints(points)
+    cells = vtkCellArray()
+    offsets = np.arange(0, 3 * mesh.n_triangles + 1, 3, dtype=np.int64)
+    cells.SetData(
+        numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
+        numpy_support.numpy_to_vtkIdTypeArray(np.ascontiguousarray(mesh.triangles.reshape(-1)), deep=True),
+    )
+    polydata.SetPolys(cells)
+    for target, arrays in ((polydata.GetPointData(), mesh.point_data), (polydata.GetCellData(), mesh.cell_data)):
+        for name, values in arrays.items():
+            vtk_array = numpy_support.numpy_to_vtk(np.ascontiguousarray(values), deep=True)
+            vtk_array.SetName(name)
+            target.AddArray(vtk_array)
+    return polydata

@@ -1,0 +1,135 @@
+"""Triangle surface meshes in world millimetres (RAS)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._validation import frozen_array, frozen_arrays, require_finite
+
+
+@dataclass(frozen=True, eq=False)
+class Mesh:
+    """A triangulated surface in world RAS millimetres.
+
+    Parameters
+    ----------
+    vertices : array (V, 3)
+        Vertex coordinates in mm (float64).
+    triangles : array (F, 3)
+        Vertex indices of each triangle (int64), counter-clockwise seen from outside for closed surfaces,
+        so that :meth:`triangle_normals` point outwards.
+    point_data : mapping of str to array (V, ...), optional
+        Per-vertex arrays (e.g. cartilage thickness in mm).
+    cell_data : mapping of str to array (F, ...), optional
+        Per-triangle arrays (e.g. a region id).
+
+    Notes
+    -----
+    A ``Mesh`` is immutable-minded: its arrays are read-only copies and every operation returns a new mesh.
+    """
+
+    vertices: np.ndarray
+    triangles: np.ndarray
+    point_data: Mapping[str, np.ndarray] = field(default_factory=dict)
+    cell_data: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        vertices = frozen_array(self.vertices, "vertices", np.float64)
+        if vertices.ndim != 2 or vertices.shape[1] != 3:
+            raise ValueError(f"vertices must have shape (V, 3), got {tuple(vertices.shape)}")
+        require_finite(vertices, "vertices")
+        triangles = np.asarray(self.triangles)
+        if triangles.size and not np.issubdtype(triangles.dtype, np.integer):
+            if not np.all(np.equal(np.mod(triangles, 1), 0)):
+                raise TypeError(f"triangles must hold integer vertex indices, got dtype {triangles.dtype}")
+        triangles = frozen_array(triangles.reshape(-1, 3) if triangles.size == 0 else triangles, "triangles", np.int64)
+        if triangles.ndim != 2 or triangles.shape[1] != 3:
+            raise ValueError(
+                f"triangles must have shape (F, 3) (only triangle cells; triangulate polygons first), "
+                f"got {tuple(triangles.shape)}"
+            )
+        if triangles.size and (triangles.min() < 0 or triangles.max() >= len(vertices)):
+            raise ValueError(
+                f"triangles index vertices out of range [0, {len(vertices)}): "
+                f"found indices {int(triangles.min())}..{int(triangles.max())}"
+            )
+        object.__setattr__(self, "vertices", vertices)
+        object.__setattr__(self, "triangles", triangles)
+        object.__setattr__(self, "point_data", frozen_arrays(self.point_data, "point_data", len(vertices), "vertex"))
+        object.__setattr__(self, "cell_data", frozen_arrays(self.cell_data, "cell_data", len(triangles), "triangle"))
+
+    @property
+    def n_vertices(self) -> int:
+        """Number of vertices V."""
+        return len(self.vertices)
+
+    @property
+    def n_triangles(self) -> int:
+        """Number of triangles F."""
+        return len(self.triangles)
+
+    def _edge_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b, c = (self.vertices[self.triangles[:, k]] for k in range(3))
+        return a, b - a, c - a
+
+    def triangle_centroids(self) -> np.ndarray:
+        """Centroids of the triangles, shape (F, 3), mm."""
+        return self.vertices[self.triangles].mean(axis=1)
+
+    def triangle_areas(self) -> np.ndarray:
+        """Areas of the triangles, shape (F,), mm²."""
+        _, ab, ac = self._edge_vectors()
+        return 0.5 * np.linalg.norm(np.cross(ab, ac), axis=1)
+
+    def triangle_normals(self) -> np.ndarray:
+        """Unit normals of the triangles (right-hand rule on the vertex order), shape (F, 3).
+
+        Degenerate (zero-area) triangles get a zero normal.
+        """
+        _, ab, ac = self._edge_vectors()
+        cross = np.cross(ab, ac)
+        norm = np.linalg.norm(cross, axis=1, keepdims=True)
+        return np.divide(cross, norm, out=np.zeros_like(cross), where=norm > 0)
+
+    def boundary_edge_count(self) -> int:
+        """Number of edges used by exactly one triangle; 0 for a closed (watertight) surface."""
+        if self.n_triangles == 0:
+            return 0
+        edges = np.sort(self.triangles[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+        _, counts = np.unique(edges, axis=0, return_counts=True)
+        return int(np.count_nonzero(counts == 1))
+
+    @property
+    def is_closed(self) -> bool:
+        """True when every edge is shared by at least two triangles (the surface encloses a volume)."""
+        return self.n_triangles > 0 and self.boundary_edge_count() == 0
+
+    def transformed(self, affine: np.ndarray) -> Mesh:
+        """Apply a 4×4 affine map (mm → mm) to the vertices.
+
+        Triangle winding is reversed when the map flips orientation (negative determinant), so that outward
+        normals stay outward. Point and cell arrays are carried over unchanged.
+        """
+        matrix = frozen_array(affine, "affine", np.float64)
+        if matrix.shape != (4, 4):
+            raise ValueError(f"affine must have shape (4, 4), got {tuple(matrix.shape)}")
+        vertices = self.vertices @ matrix[:3, :3].T + matrix[:3, 3]
+        triangles = self.triangles[:, ::-1] if np.linalg.det(matrix[:3, :3]) < 0 else self.triangles
+        return Mesh(vertices, triangles, dict(self.point_data), dict(self.cell_data))
+
+    def with_point_data(self, **arrays: np.ndarray) -> Mesh:
+        """Return a copy with per-vertex arrays added or replaced."""
+        return Mesh(self.vertices, self.triangles, {**self.point_data, **arrays}, dict(self.cell_data))
+
+    def with_cell_data(self, **arrays: np.ndarray) -> Mesh:
+        """Return a copy with per-triangle arrays added or replaced."""
+        return Mesh(self.vertices, self.triangles, dict(self.point_data), {**self.cell_data, **arrays})
+
+    def __repr__(self) -> str:
+        return (
+            f"Mesh(n_vertices={self.n_vertices}, n_triangles={self.n_triangles}, "
+            f"point_data={list(self.point_data)}, cell_data={list(self.cell_data)})"
+        )
