@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from vtkmodules.util import numpy_support
-from vtkmodules.vtkCommonCore import vtkOutputWindow, vtkPoints, vtkStringOutputWindow
+from vtkmodules.vtkCommonCore import vtkLogger, vtkOutputWindow, vtkPoints, vtkStringOutputWindow
 from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
 from vtkmodules.vtkFiltersCore import vtkTriangleFilter
 
@@ -29,9 +29,14 @@ def captured_vtk_errors() -> Iterator[vtkStringOutputWindow]:
     previous = vtkOutputWindow.GetInstance()
     window = vtkStringOutputWindow()
     vtkOutputWindow.SetInstance(window)
+    # vtk >= 9 also sends every error to vtkLogger, which prints it to stderr whatever the output window;
+    # silence that sink too (vtkLogger has no getter for it: restore the overall cutoff, its value by default).
+    stderr_verbosity = vtkLogger.GetCurrentVerbosityCutoff()
+    vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
     try:
         yield window
     finally:
+        vtkLogger.SetStderrVerbosity(vtkLogger.ConvertToVerbosity(stderr_verbosity))
         vtkOutputWindow.SetInstance(previous)
     messages = _error_messages(window.GetOutput())
     if messages:

@@ -14,14 +14,12 @@ Writes are atomic: a file (or DICOM folder) appears complete under its name, or 
 
 from __future__ import annotations
 
-import contextlib
+import gzip
 import logging
 import os
 import re
-import shutil
-import tempfile
+import struct
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from vtkmodules.vtkIOLegacy import vtkPolyDataReader, vtkPolyDataWriter, vtkUnst
 from vtkmodules.vtkIOPLY import vtkPLYReader, vtkPLYWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader, vtkXMLPolyDataWriter
 
+from ._files import atomic_path, file_suffix
 from ._vtk import VTKError, captured_vtk_errors, mesh_to_polydata, polydata_to_mesh
 from .image import Image
 from .mesh import Mesh
@@ -45,11 +44,6 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _SPACES = ("RAS", "LPS")
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
@@ -57,29 +51,6 @@ def _existing_file(path: str | os.PathLike) -> Path:
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty")
     return path
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path, is_folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same suffix) and move it into place only if the block succeeds."""
-    if not path.parent.exists():
-        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
-    suffix = "" if is_folder else _suffix(path)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    if is_folder:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".partial", dir=path.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=path.parent)
-        os.close(handle)
-        temporary = Path(name)
-    try:
-        yield temporary
-        if is_folder and path.exists():
-            shutil.rmtree(path)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------- meshes
@@ -105,7 +76,7 @@ def read_mesh(path: str | os.PathLike, *, space: str | None = None) -> Mesh:
     path = _existing_file(path)
     if space is not None and space not in _SPACES:
         raise ValueError(f"space must be 'RAS' or 'LPS', got {space!r}")
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix not in MESH_FORMATS:
         raise ValueError(f"{path}: unknown mesh format {suffix!r}; expected one of {', '.join(MESH_FORMATS)}")
     if suffix == ".gii":
@@ -124,7 +95,9 @@ def read_mesh(path: str | os.PathLike, *, space: str | None = None) -> Mesh:
     return mesh
 
 
-def _space_in(text: str | None) -> str | None:
+def _space_in(text: str | bytes | None) -> str | None:
+    if isinstance(text, bytes):  # vtk returns a binary STL header that is not valid UTF-8 as bytes
+        text = text.decode("latin-1")
     match = re.search(r"SPACE\s*=\s*(RAS|LPS)", text or "", flags=re.IGNORECASE)
     return match.group(1).upper() if match else None
 
@@ -231,7 +204,7 @@ def write_mesh(mesh: Mesh, path: str | os.PathLike, *, space: str = "RAS") -> No
     if space not in _SPACES:
         raise ValueError(f"space must be 'RAS' or 'LPS', got {space!r}")
     path = Path(path)
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix not in MESH_FORMATS:
         raise ValueError(f"{path}: unknown mesh format {suffix!r}; expected one of {', '.join(MESH_FORMATS)}")
     if suffix == ".gii" and space != "RAS":
@@ -242,7 +215,7 @@ def write_mesh(mesh: Mesh, path: str | os.PathLike, *, space: str = "RAS") -> No
     if dropped:
         logger.warning("%s: the %s format cannot hold the arrays %s; they are not written", path, suffix, dropped)
     stored = _flip_lps_ras(mesh) if space == "LPS" else mesh
-    with _atomic_path(path) as temporary:
+    with atomic_path(path) as temporary:
         if suffix == ".gii":
             _write_gifti(stored, temporary)
         elif suffix == ".obj":
@@ -330,8 +303,10 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Imag
         if path.is_dir():
             image = _read_dicom_series(path, series_id)
         else:
-            if _suffix(path) not in IMAGE_FORMATS:
+            if file_suffix(path) not in IMAGE_FORMATS:
                 logger.info("%s: extension not among %s; trying SimpleITK anyway", path, IMAGE_FORMATS)
+            if file_suffix(path) in (".nii", ".nii.gz"):
+                _check_nifti_complete(path)
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             image = reader.Execute()
@@ -339,6 +314,39 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Imag
         reason = _itk_reason(error)
         raise ValueError(f"{path}: could not read the image (broken, truncated or unsupported file?): {reason}") from None
     return _from_sitk(image, path)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI file: SimpleITK reads one without complaint and fills the missing voxels with 0."""
+    with open(path, "rb") as stream:
+        compressed = stream.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as stream:
+            header = stream.read(540)
+            length = len(header)
+            while chunk := stream.read(1 << 20):
+                length += len(chunk)
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: could not read the image (broken or truncated gzip stream): {error}") from None
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack_from(f"{order}i", header)[0] == 348:  # NIfTI-1
+            bitpix, dims = struct.unpack_from(f"{order}h", header, 72)[0], struct.unpack_from(f"{order}8h", header, 40)
+            offset = struct.unpack_from(f"{order}f", header, 108)[0]
+            break
+        if len(header) >= 540 and struct.unpack_from(f"{order}i", header)[0] == 540:  # NIfTI-2
+            bitpix, dims = struct.unpack_from(f"{order}h", header, 14)[0], struct.unpack_from(f"{order}8q", header, 16)
+            offset = struct.unpack_from(f"{order}q", header, 168)[0]
+            break
+    else:
+        return  # not a NIfTI header: SimpleITK reports it
+    if not 1 <= dims[0] <= 7:
+        return
+    expected = int(offset) + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    if length < expected:
+        raise ValueError(
+            f"{path}: could not read the image (truncated file?): the header announces {expected} bytes, "
+            f"the file holds {length}"
+        )
 
 
 def _itk_reason(error: RuntimeError) -> str:
@@ -404,39 +412,43 @@ def write_image(image: Image, path: str | os.PathLike) -> None:
     if not isinstance(image, Image):
         raise TypeError(f"image must be a geomed.Image, got {type(image).__name__}")
     path = Path(path)
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix and suffix not in IMAGE_FORMATS:
         raise ValueError(
             f"{path}: unknown image format {suffix!r}; expected one of {', '.join(IMAGE_FORMATS)} "
             "or a path without extension for a DICOM series folder"
         )
-    itk_image = _to_sitk(image)
+    try:
+        itk_image = _to_sitk(image)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     if not suffix:
-        with _atomic_path(path, is_folder=True) as folder:
-            _write_dicom_series(itk_image, folder)
+        with atomic_path(path, is_folder=True) as folder:
+            _write_dicom_series(itk_image, folder, path)
         return
     if suffix == ".mhd":
         raise ValueError(f"{path}: .mhd writes a second .raw file that cannot be written atomically; use .mha")
-    with _atomic_path(path) as temporary:
+    with atomic_path(path) as temporary:
         try:
             sitk.WriteImage(itk_image, str(temporary), useCompression=suffix in (".nii.gz", ".nrrd", ".mha"))
         except RuntimeError as error:
             raise ValueError(f"{path}: could not write the image: {_itk_reason(error)}") from None
 
 
-def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
+def _write_dicom_series(image: sitk.Image, folder: Path, target: Path) -> None:
+    """Write the slices into ``folder`` (a temporary); error messages name ``target``, the folder asked for."""
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{folder}: DICOM series are written for scalar images only")
+        raise ValueError(f"{target}: DICOM series are written for scalar images only")
     array = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{folder}: DICOM series are written for integer voxels only, got {array.dtype}")
+        raise ValueError(f"{target}: DICOM series are written for integer voxels only, got {array.dtype}")
     low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
     for pixel_type, dtype in ((sitk.sitkUInt16, np.uint16), (sitk.sitkInt16, np.int16)):
         if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
             image = sitk.Cast(image, pixel_type)
             break
     else:
-        raise ValueError(f"{folder}: voxel values {low}..{high} do not fit 16-bit DICOM pixels")
+        raise ValueError(f"{target}: voxel values {low}..{high} do not fit 16-bit DICOM pixels")
     study, series = (_new_dicom_uid() for _ in range(2))
     direction = image.GetDirection()
     orientation = "\\".join(f"{v:.10f}" for v in (*direction[0::3], *direction[1::3]))

@@ -35,7 +35,8 @@ def _as_float_tensor(value: _Array, name: str, dtype: torch.dtype | None, device
                                                              torch.int32, torch.int64)):
         raise TypeError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
     if dtype is None:
-        dtype = tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype()
+        keep = isinstance(value, torch.Tensor) and tensor.is_floating_point()
+        dtype = tensor.dtype if keep else torch.get_default_dtype()
     return tensor.to(device=device, dtype=dtype)
 
 
@@ -135,7 +136,8 @@ class Measure:
             Normal directions; normalised to unit length here (a zero normal is an error).
         labels : array or Tensor (..., N) of int, optional
         dtype, device
-            Default: the dtype of a floating ``points`` tensor (else torch's default) and its device.
+            Default: the dtype and device of a floating ``points`` tensor; torch's default dtype (float32 unless
+            changed) for arrays.
         """
         points_t = _as_float_tensor(points, "points", dtype, device)
         dtype, device = points_t.dtype, points_t.device

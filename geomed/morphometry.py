@@ -55,3 +55,65 @@ def surface_area(mesh: Mesh) -> float:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a geomed.Mesh, got {type(mesh).__name__}")
     return float(mesh.triangle_areas().sum())
+
+
+def structure_measurements(
+    shape: Mesh | Image,
+    labels: list[int | str] | None = None,
+    *,
+    method: str = "surface_nets",
+) -> list[dict[str, object]]:
+    """Volume and area of each structure of a label map, or of one closed mesh.
+
+    Parameters
+    ----------
+    shape : Image or Mesh
+        A label map (one row per label) or a surface mesh (one row).
+    labels : list of int or str, optional
+        Label ids or names to measure; default every non-zero label present.
+    method : str
+        Surface extraction method for label maps (see :func:`geomed.surface.mask_to_mesh`).
+
+    Returns
+    -------
+    list of dict
+        One row per structure: ``structure``, ``label`` (None for a mesh), ``voxels`` and ``voxel_volume_ml``
+        (label maps only; voxel count × voxel volume), ``surface_volume_ml`` (enclosed by the mesh, divergence
+        theorem; approximate when ``closed`` is False), ``surface_area_cm2`` and ``closed``.
+    """
+    from .surface import mask_to_mesh
+
+    if isinstance(shape, Mesh):
+        if labels is not None:
+            raise TypeError("labels apply to label maps only, not to a Mesh")
+        return [_surface_row({"structure": "surface", "label": None, "voxels": None, "voxel_volume_ml": None}, shape)]
+    if not isinstance(shape, Image):
+        raise TypeError(f"shape must be a geomed.Mesh or geomed.Image, got {type(shape).__name__}")
+    present, counts = np.unique(shape.array, return_counts=True)
+    voxel_counts = dict(zip(present.tolist(), counts.tolist()))
+    if labels is None:
+        ids = [label for label in voxel_counts if label != 0]
+    else:
+        ids = [shape.label_id(label) for label in labels]
+    rows = []
+    for label_id in ids:
+        if label_id == 0 or label_id not in voxel_counts:
+            raise ValueError(f"label {label_id} is absent from the image; present labels: {sorted(voxel_counts)}")
+        count = voxel_counts[label_id]
+        row = {
+            "structure": (shape.label_names or {}).get(label_id, f"label_{label_id}"),
+            "label": int(label_id),
+            "voxels": int(count),
+            "voxel_volume_ml": count * shape.voxel_volume / 1000.0,
+        }
+        rows.append(_surface_row(row, mask_to_mesh(shape, label_id, method=method)))
+    return rows
+
+
+def _surface_row(row: dict[str, object], mesh: Mesh) -> dict[str, object]:
+    return {
+        **row,
+        "surface_volume_ml": volume(mesh) / 1000.0,
+        "surface_area_cm2": surface_area(mesh) / 100.0,
+        "closed": mesh.is_closed,
+    }

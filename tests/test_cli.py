@@ -1,0 +1,85 @@
+"""The geomed command: help, the measure table on bundled and user files, outputs and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from geomed import datasets, write_image, write_mesh
+from geomed.cli import main
+
+
+def test_console_script_help_reads_well():
+    executable = shutil.which("geomed") or pytest.skip("the geomed console script is not on PATH")
+    top = subprocess.run([executable, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "measure" in top and "RAS" in top
+    measure = subprocess.run([executable, "measure", "--help"], capture_output=True, text=True, check=True).stdout
+    for needle in ("examples:", "--labels", "--space", "--output", "units: volumes in mL"):
+        assert needle in measure
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "geomed.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("geomed ")
+
+
+def test_measure_bundled_heart_to_csv(tmp_path, capsys):
+    output = tmp_path / "heart.csv"
+    assert main(["measure", "--demo", "heart", "-o", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "heart/lv_myocardium" in printed and "125.782" in printed
+    with open(output, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    volumes = {row["source"]: float(row["surface_volume_ml"]) for row in rows}
+    assert volumes == pytest.approx(
+        {"heart/lv_myocardium": 125.78, "heart/rv_myocardium": 62.06, "heart/septum_myocardium": 38.28}, abs=0.01
+    )
+
+
+def test_measure_user_label_map_and_mesh_to_json(tmp_path, capsys):
+    brain = datasets.brain_labels("9861")
+    write_image(brain, tmp_path / "brain.nii.gz")
+    write_mesh(datasets.heart_myocardium("septum"), tmp_path / "septum.stl", space="LPS")
+    output = tmp_path / "table.json"
+    status = main(["measure", str(tmp_path / "brain.nii.gz"), str(tmp_path / "septum.stl"),
+                   "--labels", "40", "81", "-o", str(output)])
+    assert status == 0
+    rows = json.loads(output.read_text())
+    assert [row["label"] for row in rows] == [40, 81, None]
+    assert rows[0]["voxels"] == int(np.count_nonzero(brain.array == 40))
+    assert rows[2]["surface_volume_ml"] == pytest.approx(38.28, abs=0.01)
+    assert "label_40" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["measure", "{tmp}/missing.nii.gz"], "no such file"),
+        (["measure", "{tmp}/table.xlsx"], "unknown format '.xlsx'"),
+        (["measure", "--demo", "heart", "-o", "{tmp}/out.txt"], "--output must end in .csv or .json"),
+        (["measure", "--demo", "heart", "-o", "{tmp}/nowhere/out.csv"], "does not exist"),
+        (["measure", "{tmp}/x.vtk", "--demo", "brain"], "not both"),
+        (["measure", "--demo", "brain", "--labels", "left_hipocampus"], "unknown label name 'left_hipocampus'"),
+    ],
+)
+def test_errors_exit_2_with_one_clear_line(tmp_path, capsys, arguments, message):
+    (tmp_path / "table.xlsx").write_text("not a shape")
+    with pytest.raises(SystemExit) as stop:
+        main([a.format(tmp=tmp_path) for a in arguments])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("geomed: error:") and message in error
+    assert "Traceback" not in error
+
+
+def test_unknown_command_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["frobnicate"])
+    assert stop.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""The shipped demo anatomy: loaders, names, size, and fidelity to the full data set it was cut from."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geomed import Image, Measure, Mesh, datasets, read_image, read_mesh
+
+SUBCORTICAL = [*range(35, 42), *range(76, 83)]
+
+
+def test_available_lists_every_loader_argument():
+    assert datasets.available() == {
+        "brain_labels": ["9861", "10021", "12876", "14380", "15496", "15697"],
+        "knee_labels": ["A", "B", "C"],
+        "femur": [1, 2, 3, 4, 5],
+        "heart_myocardium": ["lv", "rv", "septum"],
+    }
+
+
+@pytest.mark.parametrize("donor", datasets.BRAIN_DONORS)
+def test_brain_labels(donor):
+    brain = datasets.brain_labels(int(donor))
+    assert isinstance(brain, Image)
+    assert sorted(int(v) for v in np.unique(brain.array) if v) == SUBCORTICAL
+    assert brain.label_names[40] == "left_hippocampus" and brain.label_names[81] == "right_hippocampus"
+    np.testing.assert_allclose(brain.spacing, 1.0)
+
+
+@pytest.mark.parametrize("name", ["A", "b", "C"])
+def test_knee_labels(name):
+    knee = datasets.knee_labels(name)
+    assert knee.label_names[1] == "femoral_cartilage" and knee.label_names[6] == "tibia"
+    assert not np.allclose(np.abs(knee.direction), np.eye(3), atol=1e-3), "the knee maps are oblique"
+    assert (8 in knee.label_names) == (name.upper() == "B")
+
+
+@pytest.mark.parametrize("index", datasets.FEMURS)
+def test_femur(index):
+    femur = datasets.femur(str(index))
+    assert isinstance(femur, Mesh) and 19_000 < femur.n_vertices < 21_000
+    assert {"thickness (mm)", "Cartilage Region"} <= set(femur.point_data)
+
+
+@pytest.mark.parametrize("part, millilitres", [("lv", 125.8), ("rv", 62.1), ("septum", 38.3)])
+def test_heart_myocardium_volume_matches_source(part, millilitres):
+    from geomed.morphometry import volume
+
+    heart = datasets.heart_myocardium(part.upper())
+    assert heart.is_closed
+    assert volume(heart) / 1000 == pytest.approx(millilitres, abs=0.05)
+    assert {"apico-basal", "transmural", "rotational"} <= set(heart.point_data)
+    assert {"fiber", "sheet"} <= set(heart.cell_data)
+
+
+@pytest.mark.parametrize(
+    "loader, argument, match",
+    [
+        (datasets.brain_labels, "12345", "unknown brain donor '12345'; available: 9861, 10021"),
+        (datasets.knee_labels, "D", "unknown knee 'D'; available: A, B, C"),
+        (datasets.femur, 6, "unknown femur 6; available: 1, 2, 3, 4, 5"),
+        (datasets.femur, "left", "unknown femur 'left'"),
+        (datasets.heart_myocardium, "atrium", "unknown heart part 'atrium'; available: lv, rv, septum"),
+    ],
+)
+def test_unknown_names(loader, argument, match):
+    with pytest.raises(ValueError, match=match):
+        loader(argument)
+
+
+def test_attribution_and_size():
+    text = datasets.attribution()
+    for needle in ("CC BY 4.0", "MIT", "Arnatkevičiūtė", "Rodero", "Gatti"):
+        assert needle in text
+    root = Path(str(resources.files("geomed") / "data"))
+    size = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+    assert size < 10 * 2**20
+
+
+def test_brain_donor_table():
+    donors = datasets.brain_donors()
+    assert [row["uid"] for row in donors] == list(datasets.BRAIN_DONORS)
+
+
+# ---------------------------------------------------------------------------------- against the full data set
+@pytest.mark.parametrize("donor", datasets.BRAIN_DONORS)
+def test_brain_crop_keeps_subcortical_structures_in_place(shared_data, donor):
+    full = read_image(shared_data / "brain" / "native_dk" / donor / "atlas-desikankilliany.nii.gz")
+    cropped = datasets.brain_labels(donor)
+    ours = Measure.from_labels(cropped, SUBCORTICAL)
+    theirs = Measure.from_labels(full, SUBCORTICAL)
+    for label in SUBCORTICAL:
+        a = ours[label].points.double().numpy()
+        b = theirs[label].points.double().numpy()
+        assert len(a) == len(b)
+        np.testing.assert_allclose(a[np.lexsort(a.T)], b[np.lexsort(b.T)], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", datasets.KNEES)
+def test_knee_maps_are_the_originals(shared_data, name):
+    full = read_image(shared_data / "knee" / "labelmaps" / f"knee_{name}.nii.gz")
+    ours = datasets.knee_labels(name)
+    np.testing.assert_array_equal(ours.array, full.array)
+    np.testing.assert_allclose(ours.affine, full.affine, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "loader, argument, source",
+    [
+        *[(datasets.femur, i, f"knee/femur_meshes/femur_{i}.vtp") for i in datasets.FEMURS],
+        *[(datasets.heart_myocardium, p, f"heart/rodero01_{p}_myocardium.vtp") for p in datasets.HEART_PARTS],
+    ],
+)
+def test_meshes_are_the_originals(shared_data, loader, argument, source):
+    full = read_mesh(shared_data / source)
+    ours = loader(argument)
+    np.testing.assert_array_equal(ours.vertices, full.vertices)
+    np.testing.assert_array_equal(ours.triangles, full.triangles)
+    for name, values in ours.point_data.items():
+        np.testing.assert_array_equal(values, full.point_data[name])
