@@ -94,18 +94,17 @@ def _parse_label(text: str) -> int | str:
 
 
 def _demo_shapes(groups: Sequence[str]) -> Iterator[tuple[str, Callable[[], Image | Mesh]]]:
-    if "brain" in groups:
-        for donor in datasets.BRAIN_DONORS:
-            yield f"brain/{donor}", lambda donor=donor: datasets.brain_labels(donor)
-    if "knee" in groups:
-        for name in datasets.KNEES:
-            yield f"knee/{name}", lambda name=name: datasets.knee_labels(name)
-    if "femur" in groups:
-        for index in datasets.FEMURS:
-            yield f"femur/{index}", lambda index=index: datasets.femur(index)
-    if "heart" in groups:
-        for part in datasets.HEART_PARTS:
-            yield f"heart/{part}_myocardium", lambda part=part: datasets.heart_myocardium(part)
+    loaders = {
+        "brain": (datasets.BRAIN_DONORS, datasets.brain_labels, "brain/{}"),
+        "knee": (datasets.KNEES, datasets.knee_labels, "knee/{}"),
+        "femur": (datasets.FEMURS, datasets.femur, "femur/{}"),
+        "heart": (datasets.HEART_PARTS, datasets.heart_myocardium, "heart/{}_myocardium"),
+    }
+    for group in DEMO_GROUPS:
+        if group in groups:
+            names, loader, source = loaders[group]
+            for name in names:
+                yield source.format(name), lambda loader=loader, name=name: loader(name)
 
 
 def _file_shapes(paths: Sequence[Path], space: str | None) -> Iterator[tuple[str, Callable[[], Image | Mesh]]]:

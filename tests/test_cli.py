@@ -83,3 +83,18 @@ def test_unknown_command_is_an_argparse_error(capsys):
         main(["frobnicate"])
     assert stop.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_main_job_measures_all_bundled_anatomy(tmp_path, capsys):
+    output = tmp_path / "measurements.csv"
+    assert main(["measure", "-o", str(output)]) == 0
+    with open(output, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    groups = [row["source"].split("/")[0] for row in rows]
+    assert groups.count("brain") == 6 * 14 and groups.count("femur") == 5 and groups.count("heart") == 3
+    assert groups.count("knee") == 7 + 10 + 7
+    for row in rows:
+        if row["voxels"]:
+            assert row["closed"] == "True"
+            assert float(row["surface_volume_ml"]) == pytest.approx(float(row["voxel_volume_ml"]), rel=0.03)
