@@ -35,6 +35,11 @@ def captured_vtk_errors() -> Iterator[vtkStringOutputWindow]:
     vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
     try:
         yield window
+    except VTKError:  # a check inside the block failed: vtk's own report, if any, says more
+        messages = _error_messages(window.GetOutput())
+        if messages:
+            raise VTKError(messages[0]) from None
+        raise
     finally:
         vtkLogger.SetStderrVerbosity(vtkLogger.ConvertToVerbosity(stderr_verbosity))
         vtkOutputWindow.SetInstance(previous)
@@ -43,13 +48,25 @@ def captured_vtk_errors() -> Iterator[vtkStringOutputWindow]:
         raise VTKError(messages[0])
 
 
-def _error_messages(text: str) -> list[str]:
+_MESSAGE_HEAD = re.compile(r"^(ERROR|Warning|Generic Warning): In .*, line \d+$")
+
+
+def _error_messages(text: str | bytes) -> list[str]:
+    """The errors in an output window's text, plus the warnings that report an error (legacy readers report
+    "Error reading binary data!" of a truncated file as a warning). Each is the message line without pointers."""
+    if isinstance(text, bytes):  # vtk hands back text that is not valid UTF-8 (it quotes a binary file) as bytes
+        text = text.decode("utf-8", errors="replace")
     messages = []
-    for block in re.split(r"\n(?=\S)", text):
-        if "ERROR" in block or "ERR|" in block:
-            line = next((ln for ln in block.splitlines() if ln.strip()), "").strip()
-            messages.append(re.sub(r"^.*?(ERR\||ERROR:?)\s*", "", line))
-    return [m for m in messages if m] or ([] if "ERR" not in text and "ERROR" not in text else [text.strip()])
+    lines = [line.strip() for line in text.splitlines()]
+    for index, line in enumerate(lines):
+        head = _MESSAGE_HEAD.match(line)
+        if head:
+            body = next((ln for ln in lines[index + 1 :] if ln), "")
+            if head.group(1) == "ERROR" or re.search(r"\berror\b", body, flags=re.IGNORECASE):
+                messages.append(re.sub(r"\s*\(0x[0-9a-fA-F]+\)", "", body) or line)
+        elif "ERR|" in line:  # vtkLogger's one-line format
+            messages.append(re.sub(r"^.*?ERR\|\s*", "", line))
+    return messages or ([text.strip()] if "ERROR" in text else [])
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -79,7 +96,10 @@ def polydata_to_mesh(polydata: vtkPolyData, source: str) -> Mesh:
     triangles = _to_numpy(polydata.GetPolys().GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
     point_data = _arrays(polydata.GetPointData())
     cell_data = _arrays(polydata.GetCellData())
-    return Mesh(vertices, triangles, point_data, cell_data)
+    try:
+        return Mesh(vertices, triangles, point_data, cell_data)
+    except (ValueError, TypeError) as error:  # e.g. a polygon indexing a vertex the file does not hold
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _arrays(data) -> dict[str, np.ndarray]:
@@ -107,7 +127,13 @@ def mesh_to_polydata(mesh: Mesh) -> vtkPolyData:
     polydata.SetPolys(cells)
     for target, arrays in ((polydata.GetPointData(), mesh.point_data), (polydata.GetCellData(), mesh.cell_data)):
         for name, values in arrays.items():
-            vtk_array = numpy_support.numpy_to_vtk(np.ascontiguousarray(values), deep=True)
+            try:
+                vtk_array = numpy_support.numpy_to_vtk(np.ascontiguousarray(values), deep=True)
+            except (TypeError, ValueError, AssertionError) as error:  # numpy_support asserts on ndim > 2
+                raise VTKError(
+                    f"vtk cannot store the array {name!r} (dtype {values.dtype}, shape {values.shape}): "
+                    f"{error or 'only 1-D and 2-D arrays are supported'}"
+                ) from None
             vtk_array.SetName(name)
             target.AddArray(vtk_array)
     return polydata

@@ -14,11 +14,9 @@ Writes are atomic: a file (or DICOM folder) appears complete under its name, or 
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import re
-import struct
 import uuid
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from vtkmodules.vtkIOPLY import vtkPLYReader, vtkPLYWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader, vtkXMLPolyDataWriter
 
 from ._files import atomic_path, file_suffix
+from ._integrity import check_nifti_complete, check_ply_complete
 from ._vtk import VTKError, captured_vtk_errors, mesh_to_polydata, polydata_to_mesh
 from .image import Image
 from .mesh import Mesh
@@ -121,6 +120,11 @@ def _read_vtk_family(path: Path, suffix: str):
             surface.Update()
             output = surface.GetOutput()
         return output, recorded
+    if suffix == ".ply":
+        try:
+            check_ply_complete(path)
+        except (ValueError, IndexError) as error:
+            raise VTKError(f"malformed PLY header or data: {error}") from None
     reader = {".vtp": vtkXMLPolyDataReader, ".stl": vtkSTLReader, ".ply": vtkPLYReader, ".obj": vtkOBJReader}[suffix]()
     reader.SetFileName(str(path))
     reader.Update()
@@ -174,7 +178,10 @@ def _read_gifti(path: Path) -> Mesh:
             continue
         if len(array.data) == len(coordinates):
             point_data[array.meta.get("Name", f"array_{index}")] = np.asarray(array.data)
-    return Mesh(coordinates, triangles, point_data)
+    try:
+        return Mesh(coordinates, triangles, point_data)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _import_nibabel(path: Path):
@@ -229,7 +236,8 @@ def write_mesh(mesh: Mesh, path: str | os.PathLike, *, space: str = "RAS") -> No
 
 
 def _write_vtk_family(mesh: Mesh, path: Path, suffix: str, space: str) -> None:
-    polydata = mesh_to_polydata(mesh)
+    # .stl and .ply drop the arrays (write_mesh warns): do not hand them to vtk, which may not hold them at all
+    polydata = mesh_to_polydata(mesh if suffix in (".vtk", ".vtp") else Mesh(mesh.vertices, mesh.triangles))
     header = f"geomed output. SPACE={space}"
     if suffix == ".vtk":
         writer = vtkPolyDataWriter()
@@ -306,7 +314,7 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Imag
             if file_suffix(path) not in IMAGE_FORMATS:
                 logger.info("%s: extension not among %s; trying SimpleITK anyway", path, IMAGE_FORMATS)
             if file_suffix(path) in (".nii", ".nii.gz"):
-                _check_nifti_complete(path)
+                check_nifti_complete(path)
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             image = reader.Execute()
@@ -314,39 +322,6 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Imag
         reason = _itk_reason(error)
         raise ValueError(f"{path}: could not read the image (broken, truncated or unsupported file?): {reason}") from None
     return _from_sitk(image, path)
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI file: SimpleITK reads one without complaint and fills the missing voxels with 0."""
-    with open(path, "rb") as stream:
-        compressed = stream.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open if compressed else open)(path, "rb") as stream:
-            header = stream.read(540)
-            length = len(header)
-            while chunk := stream.read(1 << 20):
-                length += len(chunk)
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: could not read the image (broken or truncated gzip stream): {error}") from None
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack_from(f"{order}i", header)[0] == 348:  # NIfTI-1
-            bitpix, dims = struct.unpack_from(f"{order}h", header, 72)[0], struct.unpack_from(f"{order}8h", header, 40)
-            offset = struct.unpack_from(f"{order}f", header, 108)[0]
-            break
-        if len(header) >= 540 and struct.unpack_from(f"{order}i", header)[0] == 540:  # NIfTI-2
-            bitpix, dims = struct.unpack_from(f"{order}h", header, 14)[0], struct.unpack_from(f"{order}8q", header, 16)
-            offset = struct.unpack_from(f"{order}q", header, 168)[0]
-            break
-    else:
-        return  # not a NIfTI header: SimpleITK reports it
-    if not 1 <= dims[0] <= 7:
-        return
-    expected = int(offset) + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
-    if length < expected:
-        raise ValueError(
-            f"{path}: could not read the image (truncated file?): the header announces {expected} bytes, "
-            f"the file holds {length}"
-        )
 
 
 def _itk_reason(error: RuntimeError) -> str:
