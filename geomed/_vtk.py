@@ -70,8 +70,8 @@ def _error_messages(text: str | bytes) -> list[str]:
 
 
 def _to_numpy(array) -> np.ndarray:
-    values = numpy_support.vtk_to_numpy(array).copy()
-    return values
+    """A numpy copy of a vtk array (vtk may free or reuse its buffer)."""
+    return numpy_support.vtk_to_numpy(array).copy()
 
 
 def polydata_to_mesh(polydata: vtkPolyData, source: str) -> Mesh:
