@@ -1,0 +1,309 @@
+"""sinkhorn_divergence against exact OT (POT), finite differences, invariants, backends, batches, robustness."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geomed import Measure, SinkhornLoss, datasets, mask_to_mesh, sinkhorn_divergence
+from geomed.ot.softmin import keops_available
+
+CONVERGED = dict(tol=1e-7, max_iter=20_000)
+
+
+def _cloud(n: int, seed: int, shift=(0.0, 0.0, 0.0), dtype=torch.float64, scale=10.0) -> Measure:
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.randn(n, 3, generator=generator, dtype=dtype) * scale + torch.tensor(shift, dtype=dtype)
+    weights = torch.rand(n, generator=generator, dtype=dtype) + 0.5
+    return Measure.from_points(points, weights)
+
+
+@pytest.fixture(scope="module")
+def knee_bones() -> tuple[Measure, Measure]:
+    """Femur and tibia surfaces of a real knee (from its label map), subsampled to a few hundred points."""
+    knee = datasets.knee_labels("A")
+    measures = []
+    for label, count in (("femur", 400), ("tibia", 300)):
+        surface = Measure.from_mesh(mask_to_mesh(knee, label), dtype=torch.float64)
+        step = surface.n_points // count
+        measures.append(Measure.from_points(surface.points[::step], surface.weights[::step]))
+    return measures[0], measures[1]
+
+
+# ---------------------------------------------------------------------------------------- against exact OT
+def test_small_blur_approaches_exact_ot_on_real_bones(knee_bones):
+    femur, tibia = knee_bones
+    both = torch.cat([femur.points, tibia.points])
+    diameter = float((both.amax(0) - both.amin(0)).norm())
+    a, b = femur.normalized(), tibia.normalized()
+    cost = ot.dist(a.points.numpy(), b.points.numpy()) / 2  # |x − y|²/2, the geomed convention for p = 2
+    exact = ot.emd2(a.weights.numpy(), b.weights.numpy(), cost, numItermax=1_000_000)
+    result = sinkhorn_divergence(femur, tibia, blur=0.005 * diameter)
+    assert result.converged
+    assert float(result.value) == pytest.approx(exact, rel=1e-3)
+
+
+def test_entropic_bias_shrinks_with_blur(knee_bones):
+    femur, tibia = knee_bones
+    a, b = femur.normalized(), tibia.normalized()
+    exact = ot.emd2(a.weights.numpy(), b.weights.numpy(), ot.dist(a.points.numpy(), b.points.numpy()) / 2)
+    gaps = [abs(float(sinkhorn_divergence(femur, tibia, blur=blur).value) - exact) / exact for blur in (8.0, 4.0, 1.0)]
+    assert gaps[0] > gaps[1] > gaps[2]
+
+
+def test_default_call_is_within_half_a_percent_of_converged(knee_bones):
+    femur, _ = knee_bones
+    warped = Measure.from_points(femur.points + 2.0 * torch.sin(femur.points / 20.0), femur.weights)
+    both = femur.points
+    blur = 0.002 * float((both.amax(0) - both.amin(0)).norm())
+    default = sinkhorn_divergence(femur, warped, blur=blur)
+    converged = sinkhorn_divergence(femur, warped, blur=blur, tol=1e-6, max_iter=100_000)
+    assert float(default.value) == pytest.approx(float(converged.value), rel=5e-3)
+
+
+# ---------------------------------------------------------------------------------------- gradients
+def _finite_difference_check(a: Measure, b: Measure, **options):
+    points = a.points.clone().requires_grad_(True)
+    weights = a.weights.clone().requires_grad_(True)
+    value = sinkhorn_divergence(Measure(points, weights), b, **options, **CONVERGED).value
+    grad_points, grad_weights = torch.autograd.grad(value, [points, weights])
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        direction_p = torch.randn(points.shape, generator=generator, dtype=points.dtype)
+        direction_w = torch.randn(weights.shape, generator=generator, dtype=weights.dtype) * 0.1
+        step = 1e-5
+
+        def at(t):
+            moved = Measure(points.detach() + t * direction_p, weights.detach() + t * direction_w)
+            return float(sinkhorn_divergence(moved, b, **options, **CONVERGED).value)
+
+        numeric = (at(step) - at(-step)) / (2 * step)
+        analytic = float((grad_points * direction_p).sum() + (grad_weights * direction_w).sum())
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(blur=3.0),
+        dict(blur=3.0, reach=20.0),
+        dict(blur=3.0, reach=(None, 15.0)),
+        dict(blur=3.0, reach=(15.0, None)),
+        dict(blur=3.0, debias=False),
+        dict(blur=3.0, reach=20.0, debias=False),
+        dict(blur=4.0, p=1),
+    ],
+    ids=["balanced", "unbalanced", "semi-a", "semi-b", "raw-balanced", "raw-unbalanced", "p1"],
+)
+def test_gradients_match_finite_differences(options):
+    _finite_difference_check(_cloud(25, 0), _cloud(30, 1, shift=(8.0, -3.0, 2.0)), **options)
+
+
+# ---------------------------------------------------------------------------------------- invariants
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000), st.floats(4.0, 12.0), st.floats(0.5, 3.0))
+def test_invariants(seed, blur, factor):
+    a, b = _cloud(20, seed), _cloud(25, seed + 1, shift=(5.0, 0.0, 0.0))
+    ab = float(sinkhorn_divergence(a, b, blur=blur, **CONVERGED).value)
+    ba = float(sinkhorn_divergence(b, a, blur=blur, **CONVERGED).value)
+    assert ab == pytest.approx(ba, rel=1e-7)
+    assert ab > 0
+    assert float(sinkhorn_divergence(a, a, blur=blur).value) == 0.0
+    shift = torch.tensor([1e3, -2e3, 5e2], dtype=torch.float64)
+    moved = sinkhorn_divergence(
+        Measure(a.points + shift, a.weights), Measure(b.points + shift, b.weights), blur=blur, **CONVERGED
+    )
+    assert float(moved.value) == pytest.approx(ab, rel=1e-6)
+    scaled = sinkhorn_divergence(
+        Measure(a.points * factor, a.weights), Measure(b.points * factor, b.weights), blur=blur * factor, **CONVERGED
+    )
+    assert float(scaled.value) == pytest.approx(ab * factor**2, rel=1e-6)
+
+
+def test_unbalanced_with_large_reach_tends_to_balanced():
+    a, b = _cloud(30, 4).normalized(), _cloud(40, 5, shift=(4.0, 0.0, 0.0)).normalized()
+    balanced = float(sinkhorn_divergence(a, b, blur=2.0, **CONVERGED).value)
+    unbalanced = float(sinkhorn_divergence(a, b, blur=2.0, reach=1e4, **CONVERGED).value)
+    assert unbalanced == pytest.approx(balanced, rel=1e-3)
+
+
+def test_unbalanced_sees_mass_change_balanced_does_not():
+    a = _cloud(30, 6)
+    grown = Measure(a.points, a.weights * 1.2)
+    reference = float(sinkhorn_divergence(a, _cloud(30, 7, shift=(3.0, 0.0, 0.0)), blur=2.0).value)
+    assert float(sinkhorn_divergence(a, grown, blur=2.0, reach=10.0).value) > 1e-3 * reference
+    assert abs(float(sinkhorn_divergence(a, grown, blur=2.0).value)) < 1e-4 * reference  # shapes only
+
+
+# ---------------------------------------------------------------------------------------- results
+def test_plan_marginals_and_barycentric_map():
+    a, b = _cloud(40, 7).normalized(), _cloud(50, 8, shift=(30.0, 0.0, 0.0)).normalized()
+    result = sinkhorn_divergence(a, b, blur=1.0, tol=1e-8, max_iter=5000)
+    torch.testing.assert_close(result.plan_times(torch.ones(50, dtype=torch.float64)), a.weights, atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(result.plan_transpose_times(torch.ones(40, dtype=torch.float64)), b.weights,
+                               atol=1e-8, rtol=1e-6)
+    mapped = result.barycentric_map()
+    expected = result.plan_times(b.points) / a.weights[:, None]
+    torch.testing.assert_close(mapped, expected, atol=1e-6, rtol=1e-6)
+    assert result.converged and result.marginal_error < 1e-8
+    assert [step.phase for step in result.schedule][0] == "initialisation"
+    assert result.schedule[-1].eps == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one row per point"):
+        result.plan_times(torch.ones(3, dtype=torch.float64))
+
+
+def test_translation_is_recovered_by_the_barycentric_map():
+    a = _cloud(60, 9).normalized()
+    shift = torch.tensor([5.0, -2.0, 1.0], dtype=torch.float64)
+    moved = Measure(a.points + shift, a.weights)
+    mapped = sinkhorn_divergence(a, moved, blur=0.5, tol=1e-6, max_iter=5000).barycentric_map()
+    torch.testing.assert_close(mapped, a.points + shift, atol=0.05, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- backends and batches
+def test_backends_agree():
+    a, b = _cloud(300, 10), _cloud(350, 11, shift=(10.0, 0.0, 0.0))
+    values, gradients = {}, {}
+    backends = ["dense", "online", *(["keops"] if keops_available() else [])]
+    for backend in backends:
+        points = a.points.clone().requires_grad_(True)
+        result = sinkhorn_divergence(Measure(points, a.weights), b, blur=2.0, backend=backend, tol=1e-7)
+        assert result.backend == backend
+        values[backend] = float(result.value.detach())
+        gradients[backend] = torch.autograd.grad(result.value, points)[0]
+    for backend in backends[1:]:
+        assert values[backend] == pytest.approx(values["dense"], rel=1e-9)
+        torch.testing.assert_close(gradients[backend], gradients["dense"], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_online_backend_agrees_with_dense():
+    a, b = _cloud(700, 12, dtype=torch.float32), _cloud(900, 13, shift=(10.0, 0.0, 0.0), dtype=torch.float32)
+    dense = sinkhorn_divergence(a, b, blur=2.0, backend="dense", tol=1e-5)
+    compiled = sinkhorn_divergence(a, b, blur=2.0, backend="online-compiled", tol=1e-5)
+    assert float(compiled.value) == pytest.approx(float(dense.value), rel=1e-4)
+
+
+def test_batches_equal_per_item_results():
+    items_a = [_cloud(30, 20 + i) for i in range(3)]
+    items_b = [_cloud(30, 30 + i, shift=(3.0 * i, 0.0, 0.0)) for i in range(3)]
+    batch_a = Measure(torch.stack([m.points for m in items_a]), torch.stack([m.weights for m in items_a]))
+    batch_b = Measure(torch.stack([m.points for m in items_b]), torch.stack([m.weights for m in items_b]))
+    batched = sinkhorn_divergence(batch_a, batch_b, blur=2.0, **CONVERGED)
+    assert batched.value.shape == (3,) and batched.f.shape == (3, 30)
+    singles = [float(sinkhorn_divergence(x, y, blur=2.0, **CONVERGED).value) for x, y in zip(items_a, items_b)]
+    np.testing.assert_allclose(batched.value.numpy(), singles, rtol=1e-7)
+    ragged = sinkhorn_divergence([items_a[0], _cloud(17, 5)], [items_b[0], _cloud(40, 6)], blur=2.0, **CONVERGED)
+    assert isinstance(ragged, list) and float(ragged[0].value) == pytest.approx(singles[0], rel=1e-7)
+    loss = SinkhornLoss(blur=2.0, **CONVERGED)
+    assert loss([items_a[0], items_a[1]], [items_b[0], items_b[1]]).shape == (2,)
+    assert "blur=2.0" in repr(loss)
+
+
+# ---------------------------------------------------------------------------------------- robustness
+def test_identical_measures_give_zero_and_finite_gradients():
+    a = _cloud(50, 14)
+    points = a.points.clone().requires_grad_(True)
+    value = sinkhorn_divergence(Measure(points, a.weights), Measure(points, a.weights), blur=1.0).value
+    assert float(value) == 0.0
+    (gradient,) = torch.autograd.grad(value, points)
+    assert torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize(
+    "points_a, weights_a",
+    [
+        ([[0.0, 0.0, 0.0]], [1.0]),  # N = 1
+        ([[1.0, 2.0, 3.0]] * 5, [1.0] * 5),  # coincident points
+        ([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [5.0, 5.0, 5.0]], [1.0, 0.0, 2.0]),  # a zero-weight point
+    ],
+    ids=["single-point", "coincident", "zero-weight"],
+)
+@pytest.mark.parametrize("reach", [None, 5.0])
+def test_degenerate_inputs_are_finite(points_a, weights_a, reach):
+    a = Measure.from_points(points_a, weights_a, dtype=torch.float64)
+    b = _cloud(20, 15, scale=2.0)
+    points = a.points.clone().requires_grad_(True)
+    value = sinkhorn_divergence(Measure(points, a.weights), b, blur=0.5, reach=reach).value
+    (gradient,) = torch.autograd.grad(value, points)
+    assert torch.isfinite(value) and float(value) > 0
+    assert torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize("offset", [1e-3, 1.0, 1e5])
+def test_float32_whole_body_coordinates(offset):
+    a64, b64 = _cloud(100, 16), _cloud(120, 17, shift=(6.0, 0.0, 0.0))
+    reference = float(sinkhorn_divergence(a64, b64, blur=1.0).value)
+    shift = torch.tensor([offset, -offset, 2 * offset])
+    a32 = Measure((a64.points + shift.double()).float(), a64.weights.float())
+    b32 = Measure((b64.points + shift.double()).float(), b64.weights.float())
+    value = sinkhorn_divergence(a32, b32, blur=1.0).value
+    assert value.dtype == torch.float32
+    assert float(value) == pytest.approx(reference, rel=1e-3)
+
+
+def test_autocast_and_grad_mode():
+    a, b = _cloud(40, 18, dtype=torch.float32), _cloud(40, 19, shift=(3.0, 0, 0), dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = sinkhorn_divergence(a, b, blur=1.0).value
+    assert value.dtype == torch.float32
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="blur must be a positive number"):
+            sinkhorn_divergence(a, b, blur=-1.0)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+
+
+def test_keops_failure_is_reported_once(caplog):
+    from geomed.ot import softmin
+
+    saved = dict(softmin._KEOPS_STATUS)
+    try:
+        softmin._KEOPS_STATUS.clear()
+        softmin._KEOPS_STATUS["ok"] = False
+        with pytest.raises(ValueError, match="KeOps is unavailable"):
+            sinkhorn_divergence(_cloud(5, 1), _cloud(5, 2), blur=1.0, backend="keops")
+        result = sinkhorn_divergence(_cloud(2500, 1), _cloud(2000, 2), blur=5.0, p=2)
+        assert result.backend in ("dense", "online")
+    finally:
+        softmin._KEOPS_STATUS.clear()
+        softmin._KEOPS_STATUS.update(saved)
+    assert caplog.records == [] or all(r.levelno < logging.ERROR for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(blur=0.0), ValueError, "blur must be a positive number of mm"),
+        (dict(blur=1.0, p=3), ValueError, "p must be 1 or 2"),
+        (dict(blur=1.0, scaling=1.0), ValueError, r"scaling must be in \(0, 1\)"),
+        (dict(blur=1.0, reach=-2.0), ValueError, "reach must be None, a positive number"),
+        (dict(blur=1.0, reach=(1.0, 2.0, 3.0)), ValueError, "reach must be None"),
+        (dict(blur=1.0, backend="gpu"), ValueError, "backend must be one of"),
+        (dict(blur=1.0, tol=0.0), ValueError, "tol must be None or a positive number"),
+        (dict(blur=1.0, max_iter=-1), ValueError, "max_iter must be a non-negative integer"),
+        (dict(blur=1.0, diameter=float("nan")), ValueError, "diameter must be None or a positive number"),
+        (dict(blur=1.0, p=1, backend="online"), ValueError, "supports p=2 only"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sinkhorn_divergence(_cloud(5, 1), _cloud(6, 2), **kwargs)
+
+
+def test_bad_measures():
+    a = _cloud(5, 1)
+    with pytest.raises(ValueError, match="same dimension, got D=3 and D=2"):
+        sinkhorn_divergence(a, Measure.from_points(torch.zeros(4, 2)), blur=1.0)
+    with pytest.raises(ValueError, match="same batch shape"):
+        sinkhorn_divergence(a, Measure.from_points(torch.zeros(2, 4, 3)), blur=1.0)
+    with pytest.raises(TypeError, match="must both be Measures or both sequences"):
+        sinkhorn_divergence(a, torch.zeros(4, 3), blur=1.0)
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        sinkhorn_divergence([a], [a, a], blur=1.0)
