@@ -14,10 +14,13 @@ Writes are atomic: a file (or DICOM folder) appears complete under its name, or 
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import logging
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -309,7 +312,8 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Imag
     path = _existing_file(path)
     try:
         if path.is_dir():
-            image = _read_dicom_series(path, series_id)
+            with _locale_kept():
+                image = _read_dicom_series(path, series_id)
         else:
             if file_suffix(path) not in IMAGE_FORMATS:
                 logger.info("%s: extension not among %s; trying SimpleITK anyway", path, IMAGE_FORMATS)
@@ -328,6 +332,16 @@ def _itk_reason(error: RuntimeError) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     details = [line for line in lines if not line.startswith(("Exception thrown", "sitk::ERROR")) or ":" in line]
     return (details[-1] if details else str(error)).removeprefix("sitk::ERROR: ")
+
+
+@contextlib.contextmanager
+def _locale_kept() -> Iterator[None]:
+    """Restore the process locale after GDCM, which sets it to "C" (Python's open() would then default to ASCII)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _read_dicom_series(folder: Path, series_id: str | None) -> sitk.Image:
@@ -399,7 +413,8 @@ def write_image(image: Image, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: {error}") from None
     if not suffix:
         with atomic_path(path, is_folder=True) as folder:
-            _write_dicom_series(itk_image, folder, path)
+            with _locale_kept():
+                _write_dicom_series(itk_image, folder, path)
         return
     if suffix == ".mhd":
         raise ValueError(f"{path}: .mhd writes a second .raw file that cannot be written atomically; use .mha")

@@ -436,3 +436,13 @@ def test_write_into_missing_folder(images, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{esc(path)}: the folder {esc(path.parent)} does not exist"):
         write_image(images["knee_A_oblique_crop"], path)
     assert os.listdir(tmp_path) == []
+
+
+def test_dicom_io_leaves_the_process_locale_alone(tmp_path):
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    knee = datasets.knee_labels("A").crop((0, 0, 0), (12, 10, 4))
+    write_image(knee, tmp_path / "series")
+    read_image(tmp_path / "series")
+    assert locale.setlocale(locale.LC_ALL) == before
