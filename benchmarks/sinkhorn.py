@@ -9,7 +9,7 @@ Each (library, inputs, size) runs in its own subprocess so that its peak residen
   subsampled to N (volume-filling sets, where GeomLoss's default clustering biases the value).
 
 Blur = 1% of the diameter unless ``--blur-fraction`` says otherwise. Accuracy is against geomed run to a marginal
-error of 1e-6 at the same blur. Usage::
+error of 1e-4 at the same blur (the value error is second order in it). Usage::
 
     python benchmarks/sinkhorn.py --sizes 1000 5000 10000 --inputs cube surface volume --out benchmarks/results
 
@@ -104,7 +104,7 @@ def _reference(kind: str, n: int, blur_fraction: float) -> float:
     x, y = _inputs(kind, n)
     blur = blur_fraction * _diameter(x, y)
     return float(sinkhorn_divergence(Measure.from_points(x.double()), Measure.from_points(y.double()), blur=blur,
-                                     tol=1e-6, max_iter=100_000).value)
+                                     tol=1e-4, max_iter=20_000).value)
 
 
 def _subprocess(arguments: list[str]) -> dict | None:
