@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geomed import Measure, SinkhornLoss, datasets, mask_to_mesh, sinkhorn_divergence
+from geomed.ot.multiscale import Multiscale
 from geomed.ot.softmin import keops_available
 
 CONVERGED = dict(tol=1e-7, max_iter=20_000)
@@ -170,7 +171,7 @@ def test_translation_is_recovered_by_the_barycentric_map():
 def test_backends_agree():
     a, b = _cloud(300, 10), _cloud(350, 11, shift=(10.0, 0.0, 0.0))
     values, gradients = {}, {}
-    backends = ["dense", "online", *(["keops"] if keops_available() else [])]
+    backends = ["dense", "online", "multiscale", *(["keops"] if keops_available() else [])]
     for backend in backends:
         points = a.points.clone().requires_grad_(True)
         result = sinkhorn_divergence(Measure(points, a.weights), b, blur=2.0, backend=backend, tol=1e-7)
@@ -182,12 +183,94 @@ def test_backends_agree():
         torch.testing.assert_close(gradients[backend], gradients["dense"], rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.slow
-def test_compiled_online_backend_agrees_with_dense():
-    a, b = _cloud(700, 12, dtype=torch.float32), _cloud(900, 13, shift=(10.0, 0.0, 0.0), dtype=torch.float32)
-    dense = sinkhorn_divergence(a, b, blur=2.0, backend="dense", tol=1e-5)
-    compiled = sinkhorn_divergence(a, b, blur=2.0, backend="online-compiled", tol=1e-5)
-    assert float(compiled.value) == pytest.approx(float(dense.value), rel=1e-4)
+@pytest.fixture(scope="module")
+def femur_volume() -> Measure:
+    """Voxels of a real femur mask, subsampled to about 3000 points: a volume-filling measure."""
+    knee = datasets.knee_labels("A")
+    voxels = Measure.from_labels(knee, ["femur"], dtype=torch.float64)["femur"]
+    step = voxels.n_points // 3000
+    return Measure.from_points(voxels.points[::step], voxels.weights[::step])
+
+
+@pytest.mark.parametrize("p", [2, 1])
+def test_multiscale_matches_exact_online(femur_volume, p):
+    """Cluster levels, truncation and extrapolation: same value and gradient as the untruncated solver."""
+    warped = Measure.from_points(femur_volume.points + 3.0 * torch.sin(femur_volume.points / 15.0),
+                                 femur_volume.weights)
+    blur = 2.0
+    results, gradients = {}, {}
+    for backend in ("online", "multiscale"):
+        points = femur_volume.points.clone().requires_grad_(True)
+        result = sinkhorn_divergence(Measure(points, femur_volume.weights), warped, blur=blur, p=p,
+                                     backend=backend, tol=1e-3)
+        results[backend] = result
+        gradients[backend] = torch.autograd.grad(result.value, points)[0]
+    multiscale = results["multiscale"]
+    scales = [step.scale for step in multiscale.schedule]
+    assert len(set(scales)) >= 2 and scales[-1] == 0.0  # cluster levels, then the points
+    assert any(step.phase == "scale-jump" for step in multiscale.schedule)
+    assert multiscale.schedule[-1].kept < 1.0  # truncated
+    assert float(multiscale.value.detach()) == pytest.approx(float(results["online"].value.detach()), rel=1e-4)
+    torch.testing.assert_close(gradients["multiscale"], gradients["online"], rtol=0, atol=1e-3 * float(
+        gradients["online"].abs().max()))
+    shift = (multiscale.f - results["online"].f).mean()  # balanced potentials are defined up to a constant
+    torch.testing.assert_close(multiscale.f - shift, results["online"].f, rtol=0, atol=2e-2 * blur**p)
+
+
+def test_cluster_hierarchy_is_nested_and_bounded():
+    """As many levels as pay off, each cluster a contiguous range of the level below, radii bounding the members."""
+    generator = torch.Generator().manual_seed(41)
+    x = torch.rand(60_000, 3, generator=generator) * 100
+    y = torch.rand(50_000, 3, generator=generator) * 100
+    log_w = torch.zeros(60_000)
+    geometry = Multiscale(x, y, log_w, torch.zeros(50_000), p=2, blur=1.0, damping=lambda eps, side: 1.0,
+                          debias=True)
+    levels = geometry.x_levels
+    assert len(levels.points) >= 3 and len(levels.points[-1]) <= 1000
+    assert sorted(geometry.perm_x.tolist()) == list(range(60_000))
+    fine = levels.points[0]
+    for k in range(1, len(levels.points)):
+        sizes = [len(p) for p in levels.points]
+        assert sizes[k] <= sizes[k - 1] / 3
+        assert int(levels.child_count[k].sum()) == sizes[k - 1]
+        assert torch.equal(levels.child_start[k][1:], torch.cumsum(levels.child_count[k], 0)[:-1])
+        torch.testing.assert_close(float(levels.log_weights[k].exp().sum()), 60_000.0, rtol=1e-5, atol=0)
+    top = len(levels.points) - 1
+    starts, counts = _first_points(levels, top)
+    for cluster in range(0, len(starts), max(1, len(starts) // 50)):
+        block = fine[starts[cluster] : starts[cluster] + counts[cluster]]
+        assert float((block - levels.points[top][cluster]).norm(dim=-1).max()) <= float(levels.radius[top][cluster]) + 1e-4
+
+
+def _first_points(levels, level):
+    """Input-point range (start, count) of every cluster of ``level``."""
+    starts, counts = levels.child_start[level], levels.child_count[level]
+    for k in range(level - 1, 0, -1):
+        ends = starts + counts
+        starts = levels.child_start[k][starts]
+        last = levels.child_start[k][ends - 1] + levels.child_count[k][ends - 1]
+        counts = last - starts
+    return starts.tolist(), counts.tolist()
+
+
+def test_multiscale_with_normals_and_batches():
+    """D = 6 (points and normals) and a batch of two items, each with its own clusters."""
+    generator = torch.Generator().manual_seed(40)
+    points = torch.randn(2, 2500, 6, generator=generator, dtype=torch.float64) * 10
+    moved = points + torch.tensor([2.0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    a, b = Measure.from_points(points), Measure.from_points(moved)
+    options = dict(blur=3.0, tol=1e-4, diameter=150.0)  # one ε-schedule for the batch and the single item
+    batched = sinkhorn_divergence(a, b, backend="multiscale", **options)
+    online = sinkhorn_divergence(a, b, backend="online", **options)
+    assert batched.value.shape == (2,)
+    np.testing.assert_allclose(batched.value.numpy(), online.value.numpy(), rtol=1e-4)
+    single = sinkhorn_divergence(Measure.from_points(points[1]), Measure.from_points(moved[1]),
+                                 backend="multiscale", **options)
+    assert float(single.value) == pytest.approx(float(batched.value[1]), rel=1e-9)
+    mapped = batched.barycentric_map()
+    assert mapped.shape == points.shape
+    ones = torch.ones(2, 2500, dtype=torch.float64)
+    np.testing.assert_allclose(batched.plan_times(ones).sum(-1).numpy(), 1.0, rtol=1e-3)
 
 
 def test_batches_equal_per_item_results():
@@ -289,7 +372,6 @@ def test_keops_failure_is_reported_once(caplog):
         (dict(blur=1.0, tol=0.0), ValueError, "tol must be None or a positive number"),
         (dict(blur=1.0, max_iter=-1), ValueError, "max_iter must be a non-negative integer"),
         (dict(blur=1.0, diameter=float("nan")), ValueError, "diameter must be None or a positive number"),
-        (dict(blur=1.0, p=1, backend="online"), ValueError, "supports p=2 only"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -11,27 +11,74 @@ from .softmin import Softmin
 
 @dataclass(frozen=True)
 class ScheduleStep:
-    """One phase of the ε-schedule: ``eps`` (mm^p), iterations run at it, and wall time (s)."""
+    """One phase of the ε-schedule.
+
+    ``phase`` is "initialisation", "eps-scaling", "scale-jump" (the step moved to a finer multiscale level) or
+    "final-blur"; ``eps`` (mm^p); iterations run at it; wall time (s); ``scale``, the cell side (mm) of the
+    multiscale level it ran on (0 for the input points); ``kept``, the fraction of the cross cost matrix evaluated.
+    """
 
     phase: str
     eps: float
     iterations: int
     seconds: float
+    scale: float = 0.0
+    kept: float = 1.0
 
 
 @dataclass(frozen=True)
-class _Problem:
-    """The solved problem in the solver's frame: batched (B, ·) tensors, points centred on ``center``."""
+class _PlanItem:
+    """One solved geometry in the solver's frame: (B, ·) tensors in the softmins' point order (``order_*`` maps
+    from input order; None when it is the input order)."""
 
-    softmin: Softmin
+    softmin_xy: Softmin
+    softmin_yx: Softmin
     x: torch.Tensor
     y: torch.Tensor
     log_a: torch.Tensor
     log_b: torch.Tensor
     f: torch.Tensor
     g: torch.Tensor
+    order_x: torch.Tensor | None
+    order_y: torch.Tensor | None
+
+    def apply(self, eps: float, values: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """π values (B, M, K) → (B, N, K) (or πᵀ), values and result in input order."""
+        x, y, f, g, log_a, log_b, softmin = self.x, self.y, self.f, self.g, self.log_a, self.log_b, self.softmin_xy
+        order_x, order_y = self.order_x, self.order_y
+        if transpose:
+            x, y, f, g, log_a, log_b, softmin = y, x, g, f, log_b, log_a, self.softmin_yx
+            order_x, order_y = order_y, order_x
+        if order_y is not None:
+            values = torch.gather(values, 1, order_y.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+        h = log_b + g / eps
+        reduced = softmin(eps, x, y, h)
+        result = torch.exp(log_a + (f - reduced) / eps).unsqueeze(-1) * softmin.average(eps, x, y, h, reduced, values)
+        if order_x is not None:
+            index = order_x.unsqueeze(-1).expand_as(result)
+            result = torch.empty_like(result).scatter_(1, index, result)
+        return result
+
+    def barycentric_map(self, eps: float) -> torch.Tensor:
+        """T(x_i) (B, N, D) in input order, in the solver's (centred) frame."""
+        h = self.log_b + self.g / eps
+        reduced = self.softmin_xy(eps, self.x, self.y, h)
+        mapped = self.softmin_xy.average(eps, self.x, self.y, h, reduced, self.y)
+        if self.order_x is not None:
+            mapped = torch.empty_like(mapped).scatter_(1, self.order_x.unsqueeze(-1).expand_as(mapped), mapped)
+        return mapped
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The solved problem: one plan item for a whole batch, or one per item (multiscale); centred on ``center``."""
+
+    items: list[_PlanItem]
     center: torch.Tensor
     batched: bool
+
+    def split(self, values: torch.Tensor) -> list[torch.Tensor]:
+        return [values] if len(self.items) == 1 else list(values.split(1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,22 +126,19 @@ class OTResult:
 
     def _apply(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
         problem = self._problem
-        x, y, f, g, log_a, log_b = problem.x, problem.y, problem.f, problem.g, problem.log_a, problem.log_b
-        if transpose:
-            x, y, f, g, log_a, log_b = y, x, g, f, log_b, log_a
+        source = self.f if transpose else self.g
         vector = values.dim() == (2 if problem.batched else 1)
         batch = values if problem.batched else values.unsqueeze(0)
         batch = batch.unsqueeze(-1) if vector else batch
-        if batch.shape[:2] != y.shape[:2]:
+        expected = source.shape if problem.batched else (1, *source.shape)
+        if batch.shape[:2] != expected:
             raise ValueError(
-                f"values must hold one row per point of the measure it lives on ({y.shape[1]}), "
+                f"values must hold one row per point of the measure it lives on ({expected[-1]}), "
                 f"got shape {tuple(values.shape)}"
             )
         with torch.no_grad():
-            h = log_b + g / self.eps
-            softmin = problem.softmin(self.eps, x, y, h)
-            average = problem.softmin.average(self.eps, x, y, h, softmin, batch.to(x))
-            result = torch.exp(log_a + (f - softmin) / self.eps).unsqueeze(-1) * average
+            result = torch.cat([item.apply(self.eps, part.to(source), transpose)
+                                for item, part in zip(problem.items, problem.split(batch), strict=True)])
         result = result.squeeze(-1) if vector else result
         return result if problem.batched else result.squeeze(0)
 
@@ -114,7 +158,5 @@ class OTResult:
         """Correspondences ``T(x_i) = Σ_j π_ij y_j / Σ_j π_ij`` in world mm, shape (..., N, D), in ``a``'s order."""
         problem = self._problem
         with torch.no_grad():
-            h = problem.log_b + problem.g / self.eps
-            softmin = problem.softmin(self.eps, problem.x, problem.y, h)
-            mapped = problem.softmin.average(self.eps, problem.x, problem.y, h, softmin, problem.y) + problem.center
+            mapped = torch.cat([item.barycentric_map(self.eps) for item in problem.items]) + problem.center
         return mapped if problem.batched else mapped.squeeze(0)

@@ -51,14 +51,15 @@ import torch
 from torch import nn
 
 from ..measure import Measure
-from .result import OTResult, ScheduleStep, _Problem
-from .softmin import BACKENDS, Softmin, make_softmin
+from .multiscale import Multiscale, morton_order
+from .result import OTResult, ScheduleStep, _PlanItem, _Problem
+from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin, TiledSoftmin, keops_available
 
 _Reach = float | None | tuple[float | None, float | None]
 
 
 class _EnvelopeSoftmin(torch.autograd.Function):
-    """softmin(x; y, h) differentiable w.r.t. x only (p = 2): ∂s_i/∂x_i = x_i − Σ_j w_ij y_j."""
+    """softmin(x; y, h) differentiable w.r.t. x only: ∂s_i/∂x_i = Σ_j w_ij ∇_x C(x_i, y_j) (x_i − A_i(y) for p = 2)."""
 
     @staticmethod
     def forward(ctx, x, y, h, eps, softmin):
@@ -72,13 +73,16 @@ class _EnvelopeSoftmin(torch.autograd.Function):
         x, y, h, value = ctx.saved_tensors
         gradient = None
         if ctx.needs_input_grad[0]:
-            average = ctx.softmin.average(ctx.eps, x, y, h, value, y)
-            gradient = grad_value.unsqueeze(-1) * (x - average)
+            if ctx.softmin.p == 2:
+                gradient = x - ctx.softmin.average(ctx.eps, x, y, h, value, y)
+            else:
+                gradient = ctx.softmin.cost_gradient(ctx.eps, x, y, h, value)
+            gradient = grad_value.unsqueeze(-1) * gradient
         return gradient, None, None, None, None
 
 
 def _differentiable_softmin(softmin: Softmin, eps: float, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor):
-    if softmin.p == 2:
+    if softmin.p == 2 or isinstance(softmin, TiledSoftmin):
         return _EnvelopeSoftmin.apply(x, y, h, eps, softmin)
     return softmin(eps, x, y, h)
 
@@ -95,6 +99,9 @@ def _reaches(reach: _Reach, p: int) -> tuple[float | None, float | None]:
 
 def _damping(eps: float, rho: float | None) -> float:
     return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
+
+
+BACKENDS = ("auto", "dense", "online", "keops", "multiscale")
 
 
 def _check_arguments(blur, p, scaling, backend, tol, max_iter, diameter) -> None:
@@ -137,6 +144,54 @@ def _relative_change(weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor
     return float(error.max())
 
 
+def _choose_backend(backend: str, p: int, n: int, m: int, device: torch.device) -> str:
+    """``auto``: dense up to 4·10⁶ cost entries per item; beyond, KeOps on GPUs, multiscale on CPUs."""
+    if backend == "keops" and not keops_available():
+        raise ValueError("backend='keops' was asked for, but KeOps is unavailable here (see the logged warning)")
+    if backend != "auto":
+        return backend
+    if n * m <= 4_000_000:
+        return "dense"
+    if device.type == "cuda" and keops_available():
+        return "keops"
+    return "multiscale"
+
+
+class _SingleScale:
+    """The geometry of a one-level solve: the input points (in Morton order for the tiled backend)."""
+
+    level = 0
+    scale = 0.0
+    kept = 1.0
+
+    def __init__(self, x, y, log_a, log_b, softmin: Softmin, order: tuple[torch.Tensor, torch.Tensor] | None):
+        self.order = order
+        if order is not None:
+            x, y = _gather(x, order[0]), _gather(y, order[1])
+            log_a, log_b = torch.gather(log_a, 1, order[0]), torch.gather(log_b, 1, order[1])
+        self._measures = (x, y, log_a, log_b)
+        self.softmins = {"xy": softmin, "yx": softmin, "xx": softmin, "yy": softmin}
+
+    def measures(self):
+        return self._measures
+
+    def advance(self, eps, potentials, final):
+        return potentials
+
+
+def _gather(points: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return torch.gather(points, 1, order.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
+
+
+def _scatter(values: torch.Tensor | None, order: torch.Tensor | None) -> torch.Tensor | None:
+    """Inverse of gathering with ``order`` along dim 1 (B, N[, K])."""
+    if values is None or order is None:
+        return values
+    out = torch.empty_like(values)
+    index = order if values.dim() == 2 else order.unsqueeze(-1).expand_as(values)
+    return out.scatter_(1, index, values)
+
+
 def sinkhorn_divergence(
     a: Measure | Sequence[Measure],
     b: Measure | Sequence[Measure],
@@ -171,8 +226,9 @@ def sinkhorn_divergence(
         Ratio between successive blurs of the ε-scaling (closer to 1: more steps, each better warm-started).
     debias : bool
         Return the Sinkhorn divergence S (default), or the raw entropic OT_ε (biased: OT_ε(α, α) > 0).
-    backend : {"auto", "dense", "online", "online-compiled", "keops"}
-        Softmin implementation (see :mod:`geomed.ot.softmin`); "auto" chooses by size and device.
+    backend : {"auto", "dense", "online", "keops", "multiscale"}
+        Softmin implementation (see :mod:`geomed.ot.softmin` and :mod:`geomed.ot.multiscale`); "auto" takes
+        "dense" up to 4·10⁶ cost entries, then "keops" on GPUs and "multiscale" on CPUs.
     tol : float or None
         Stop at the final blur once the relative L1 marginal error is below ``tol``; None runs ``max_iter``
         iterations. The value is a maximum over the potentials, so its error is second order in theirs: the
@@ -220,6 +276,8 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
         raise ValueError(f"a and b must have the same batch shape, got {tuple(a.batch_shape)} and {tuple(b.batch_shape)}")
     if a.device != b.device:
         raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
+    if a.dim > 6 and backend == "multiscale":
+        raise ValueError(f"backend='multiscale' supports dimensions D ≤ 6, got D={a.dim}")
     rho_a, rho_b = _reaches(reach, p)
     x, alpha = _batched(a, "a")
     y, beta = _batched(b, "b")
@@ -234,85 +292,155 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
         if diameter is None:
             both = torch.cat([x, y], dim=1).detach()
             diameter = max(float((both.amax(1) - both.amin(1)).norm(dim=-1).max()), blur)
-        softmin = make_softmin(backend, p, x.shape[1], y.shape[1], x.device)
+        name = _choose_backend(backend, p, x.shape[1], y.shape[1], x.device)
+        if name == "multiscale" and a.dim > 6:
+            name = "online"
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
-        with torch.no_grad():
-            potentials, error, converged, schedule = _sinkhorn_loop(
-                softmin, x, y, alpha, beta, _epsilon_schedule(diameter, blur, p, scaling), rho_a, rho_b,
-                debias and not identical, tol, max_iter,
-            )
-        if debias and identical:  # S(α, α) = 0 exactly: the symmetric problems are the cross problem
-            potentials[2], potentials[3] = potentials[1], potentials[0]
-        with torch.enable_grad():
-            value = _divergence(softmin, x, y, alpha, beta, potentials, blur**p, rho_a, rho_b, debias)
-    f, g, f_aa, g_bb = potentials
-    unbatch = (lambda t: t) if a.batch_shape else (lambda t: t.squeeze(0))
-    problem = _Problem(softmin, x.detach(), y.detach(), alpha.detach().log(), beta.detach().log(), f, g,
-                       center, bool(a.batch_shape))
+        options = dict(blur=blur, p=p, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
+                       max_iter=max_iter, epsilons=_epsilon_schedule(diameter, blur, p, scaling))
+        if name == "multiscale":
+            items = [_solve_item(_multiscale(x[i], y[i], alpha[i], beta[i], blur, p, rho_a, rho_b, debias),
+                                 x[i : i + 1], y[i : i + 1], alpha[i : i + 1], beta[i : i + 1], **options)
+                     for i in range(len(x))]
+        else:
+            softmin = {"dense": DenseSoftmin, "online": OnlineSoftmin, "keops": KeOpsSoftmin}[name](p)
+            order = None
+            if name in ("dense", "online"):
+                order = (torch.stack([morton_order(item, diameter / 1000) for item in x]),
+                         torch.stack([morton_order(item, diameter / 1000) for item in y]))
+            geometry = _SingleScale(x, y, alpha.log(), beta.log(), softmin, order)
+            items = [_solve_item(geometry, x, y, alpha, beta, **options)]
+    return _result(items, center, bool(a.batch_shape), blur**p, name)
+
+
+def _multiscale(x, y, alpha, beta, blur, p, rho_a, rho_b, debias) -> Multiscale:
+    def damping(eps, side):
+        return _damping(eps, rho_a if side == "x" else rho_b)
+
+    return Multiscale(x.detach(), y.detach(), alpha.detach().log(), beta.detach().log(), p=p, blur=blur,
+                      damping=damping, debias=debias)
+
+
+def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, identical, tol, max_iter, epsilons):
+    """Solve on one geometry (all items of a batch, or one multiscale item); values and potentials in input order."""
+    with torch.no_grad():
+        potentials, error, converged, schedule = _sinkhorn_loop(
+            geometry, epsilons, rho_a, rho_b, debias and not identical, tol, max_iter)
+    if debias and identical:  # S(α, α) = 0 exactly: the symmetric problems are the cross problem
+        potentials[2], potentials[3] = potentials[1], potentials[0]
+    order_x, order_y = _orders(geometry, x.shape[0])
+    xs, ys = (x, y) if order_x is None else (_gather(x, order_x), _gather(y, order_y))
+    alphas, betas = (alpha, beta) if order_x is None else (torch.gather(alpha, 1, order_x), torch.gather(beta, 1, order_y))
+    with torch.enable_grad():
+        value = _divergence(geometry.softmins, xs, ys, alphas, betas, potentials, blur**p, rho_a, rho_b, debias)
+    f, g, f_aa, g_bb = (_scatter(t, o) for t, o in zip(potentials, (order_x, order_y, order_x, order_y)))
+    plan = _PlanItem(geometry.softmins["xy"], geometry.softmins["yx"], xs.detach(), ys.detach(),
+                     alphas.detach().log(), betas.detach().log(), potentials[0], potentials[1], order_x, order_y)
+    return value, f, g, f_aa, g_bb, error, converged, schedule, plan
+
+
+def _orders(geometry, batch: int):
+    if isinstance(geometry, Multiscale):
+        return geometry.perm_x[None], geometry.perm_y[None]
+    return geometry.order if geometry.order is not None else (None, None)
+
+
+def _result(items, center, batched: bool, eps: float, backend: str) -> OTResult:
+    def stack(index):
+        parts = [item[index] for item in items]
+        return None if parts[0] is None else torch.cat(parts)
+
+    value, f, g, f_aa, g_bb = (stack(k) for k in range(5))
+    unbatch = (lambda t: t) if batched else (lambda t: None if t is None else t.squeeze(0))
+    schedule = items[0][7] if len(items) == 1 else [step for item in items for step in item[7]]
     return OTResult(
-        value=unbatch(value), f=unbatch(f), g=unbatch(g),
-        f_aa=None if f_aa is None else unbatch(f_aa), g_bb=None if g_bb is None else unbatch(g_bb),
-        eps=blur**p, marginal_error=error, converged=converged, schedule=schedule, backend=softmin.name,
-        _problem=problem,
+        value=unbatch(value), f=unbatch(f), g=unbatch(g), f_aa=unbatch(f_aa), g_bb=unbatch(g_bb), eps=eps,
+        marginal_error=max(item[5] for item in items), converged=all(item[6] for item in items), schedule=schedule,
+        backend=backend, _problem=_Problem([item[8] for item in items], center, batched),
     )
 
 
 _OVERRELAXATION = 1.8
 
 
-def _sinkhorn_loop(softmin, x, y, alpha, beta, epsilons, rho_a, rho_b, debias, tol, max_iter):
+def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
     """ε-scaling Sinkhorn on detached tensors; returns [f, g, f_aa, g_bb], error, converged, schedule.
 
-    During the ε-scaling, one symmetric (averaged) update of all potentials per ε. At the final ε, the cross problem
-    continues with over-relaxed alternating updates ``f ← f + ω (λ softmin(g) − f)``, ω = 1.8 (several times fewer
-    iterations than plain Sinkhorn at small blurs; ω falls back to 1 should the error grow tenfold over its best),
-    and the symmetric problems with averaged updates, until the marginal error is below ``tol``.
+    ``geometry`` provides the working point sets and their softmins, and may change them before an ε step
+    (multiscale: jump to a finer level, extrapolating the potentials, and tighten the truncation). During the
+    ε-scaling, one symmetric (averaged) update of all potentials per ε. At the final ε, the cross problem continues
+    with over-relaxed alternating updates ``f ← f + ω (λ softmin(g) − f)``, ω = 1.8 (several times fewer iterations
+    than plain Sinkhorn at small blurs; ω falls back to 1 should the error grow tenfold over its best), and the
+    symmetric problems with averaged updates, until the marginal error is below ``tol``.
     """
-    x, y, alpha, beta = x.detach(), y.detach(), alpha.detach(), beta.detach()
-    log_a, log_b = alpha.log(), beta.log()
+    state = {}
+
+    def refresh():
+        x, y, log_a, log_b = geometry.measures()
+        state.update(x=x.detach(), y=y.detach(), log_a=log_a, log_b=log_b, alpha=log_a.exp(), beta=log_b.exp(),
+                     softmins=geometry.softmins)
 
     def cross_f(eps, g):
-        return _damping(eps, rho_a) * softmin(eps, x, y, log_b + g / eps)
+        s = state
+        return _damping(eps, rho_a) * s["softmins"]["xy"](eps, s["x"], s["y"], s["log_b"] + g / eps)
 
     def cross_g(eps, f):
-        return _damping(eps, rho_b) * softmin(eps, y, x, log_a + f / eps)
+        s = state
+        return _damping(eps, rho_b) * s["softmins"]["yx"](eps, s["y"], s["x"], s["log_a"] + f / eps)
 
     def symmetric(eps, f_aa, g_bb):
-        return (_damping(eps, rho_a) * softmin(eps, x, x, log_a + f_aa / eps),
-                _damping(eps, rho_b) * softmin(eps, y, y, log_b + g_bb / eps))
+        s = state
+        return (_damping(eps, rho_a) * s["softmins"]["xx"](eps, s["x"], s["x"], s["log_a"] + f_aa / eps),
+                _damping(eps, rho_b) * s["softmins"]["yy"](eps, s["y"], s["y"], s["log_b"] + g_bb / eps))
+
+    def step_record(phase, eps, iterations, start):
+        schedule.append(ScheduleStep(phase, eps, iterations, time.perf_counter() - start, geometry.scale,
+                                     geometry.kept))
 
     schedule: list[ScheduleStep] = []
     start = time.perf_counter()
     eps = epsilons[0]
-    zeros_a, zeros_b = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    refresh()
+    zeros_a, zeros_b = torch.zeros_like(state["log_a"]), torch.zeros_like(state["log_b"])
     f, g = cross_f(eps, zeros_b), cross_g(eps, zeros_a)
     f_aa, g_bb = symmetric(eps, zeros_a, zeros_b) if debias else (None, None)
-    schedule.append(ScheduleStep("initialisation", eps, 1, time.perf_counter() - start))
+    step_record("initialisation", eps, 1, start)
 
     def symmetric_step(eps):
         nonlocal f_aa, g_bb
         new_aa, new_bb = symmetric(eps, f_aa, g_bb)
-        error = max(_relative_change(alpha, f_aa, new_aa, eps), _relative_change(beta, g_bb, new_bb, eps))
+        error = max(_relative_change(state["alpha"], f_aa, new_aa, eps),
+                    _relative_change(state["beta"], g_bb, new_bb, eps))
         f_aa, g_bb = 0.5 * (f_aa + new_aa), 0.5 * (g_bb + new_bb)
         return error
 
+    def advance(eps, final):
+        nonlocal f, g, f_aa, g_bb
+        level = geometry.level
+        f, g, f_aa, g_bb = geometry.advance(eps, [f, g, f_aa, g_bb], final)
+        refresh()
+        return geometry.level != level
+
     error = math.inf
-    for eps in epsilons:
+    for index, eps in enumerate(epsilons):
         start = time.perf_counter()
+        jumped = advance(eps, final=index == len(epsilons) - 1)
         new_f, new_g = cross_f(eps, g), cross_g(eps, f)
-        error = max(_relative_change(alpha, f, new_f, eps), _relative_change(beta, g, new_g, eps))
+        error = max(_relative_change(state["alpha"], f, new_f, eps), _relative_change(state["beta"], g, new_g, eps))
         f, g = 0.5 * (f + new_f), 0.5 * (g + new_g)
         if debias:
             error = max(error, symmetric_step(eps))
-        schedule.append(ScheduleStep("eps-scaling", eps, 1, time.perf_counter() - start))
+        step_record("scale-jump" if jumped else "eps-scaling", eps, 1, start)
 
     eps, omega, best = epsilons[-1], _OVERRELAXATION, math.inf
     start, iterations = time.perf_counter(), 0
     converged = tol is not None and error < tol
+    if not converged and max_iter > 0:
+        advance(eps, final=True)
     cross_error = symmetric_error = error
     while not converged and iterations < max_iter:
         new_f = cross_f(eps, g)
-        cross_error = _relative_change(alpha, f, new_f, eps)
+        cross_error = _relative_change(state["alpha"], f, new_f, eps)
         f = f + omega * (new_f - f)
         g = g + omega * (cross_g(eps, f) - g)
         if debias and symmetric_error >= tol:
@@ -323,7 +451,7 @@ def _sinkhorn_loop(softmin, x, y, alpha, beta, epsilons, rho_a, rho_b, debias, t
             omega = 1.0
         iterations += 1
         converged = tol is not None and error < tol
-    schedule.append(ScheduleStep("final-blur", eps, iterations, time.perf_counter() - start))
+    step_record("final-blur", eps, iterations, start)
     return [f, g, f_aa, g_bb], error, converged, schedule
 
 
@@ -341,17 +469,17 @@ def _side(weights, new, symmetric, rho, eps, debias):
             (weights * (rho - (rho + eps) * torch.exp(-new / rho))).sum(-1))
 
 
-def _divergence(softmin, x, y, alpha, beta, potentials, eps, rho_a, rho_b, debias):
+def _divergence(softmins, x, y, alpha, beta, potentials, eps, rho_a, rho_b, debias):
     """The value, with exact gradients: one differentiable softmin per problem at fixed optimal potentials."""
     f, g, f_aa, g_bb = potentials
     log_a, log_b = alpha.detach().log(), beta.detach().log()
     damp_a, damp_b = _damping(eps, rho_a), _damping(eps, rho_b)
-    new_f = damp_a * _differentiable_softmin(softmin, eps, x, y.detach(), log_b + g / eps)
-    new_g = damp_b * _differentiable_softmin(softmin, eps, y, x.detach(), log_a + f / eps)
+    new_f = damp_a * _differentiable_softmin(softmins["xy"], eps, x, y.detach(), log_b + g / eps)
+    new_g = damp_b * _differentiable_softmin(softmins["yx"], eps, y, x.detach(), log_a + f / eps)
     sym_f = sym_g = None
     if debias:
-        sym_f = damp_a * _differentiable_softmin(softmin, eps, x, x.detach(), log_a + f_aa / eps)
-        sym_g = damp_b * _differentiable_softmin(softmin, eps, y, y.detach(), log_b + g_bb / eps)
+        sym_f = damp_a * _differentiable_softmin(softmins["xx"], eps, x, x.detach(), log_a + f_aa / eps)
+        sym_g = damp_b * _differentiable_softmin(softmins["yy"], eps, y, y.detach(), log_b + g_bb / eps)
     value_a, grad_a = _side(alpha, new_f, sym_f, rho_a, eps, debias)
     value_b, grad_b = _side(beta, new_g, sym_g, rho_b, eps, debias)
     value, surrogate = value_a + value_b, grad_a + grad_b

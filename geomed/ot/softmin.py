@@ -15,26 +15,44 @@ the one extra reduction behind exact gradients (for ``p = 2``, :math:`\partial s
 by the envelope theorem), the barycentric map :math:`T(x_i) = A_i(y)` and the lazy transport plan. Inputs carry a
 leading batch dimension: ``x (B, N, D)``, ``y (B, M, D)``, ``h (B, M)``, ``values (B, M, K)``.
 
-Implementations (all exact; they differ in speed and memory):
+Implementations (they differ in speed and memory, not in results):
 
 ``dense``
-    Materialises the (B, N, M) cost matrix: fastest for small problems, O(N M) memory. Any ``p``.
+    One tile holding the whole (N, M) matrix: small problems.
 ``online``
-    Pure torch, tiled, ``p = 2``: memory of one tile, no compiler needed (Windows, Slicer). Its compiled variant
-    ``online-compiled`` runs each row block as one ``torch.compile`` kernel (Inductor emits a fused, vectorised
-    loop that never stores the cost matrix); on CPUs it beats KeOps' CPU backend (``benchmarks/sinkhorn.py``).
+    Pure torch, no compiler: tiles of 256 rows × 8192 columns, memory of one tile. Any ``p``.
+
+In both, for ``p = 2`` each tile is BLAS-shaped —
+    :math:`h_j - |y_j - c|^2/2\varepsilon + \langle x_i - c, y_j - c\rangle/\varepsilon - |x_i - c|^2/2\varepsilon`,
+    one ``addmm`` around the centre ``c`` of the tile's rows (points are sorted spatially by the solver, so the
+rows of a tile are close together and float32 keeps its precision) — then one in-place exponential pass. Tiles
+are not differentiated by autograd: the solver's envelope formula needs one soft average (``p = 2``) or
+:meth:`TiledSoftmin.cost_gradient` (``p = 1``).
+
 ``keops``
     KeOps online reductions (CPU or GPU), O(N + M) memory, any ``p``; the GPU default.
+
+The block-sparse (multiscale) softmins live in :mod:`geomed.ot.multiscale` and reuse the tile code below.
+
+Why the exponential pass clamps: exponentials of arguments below about −88 underflow float32, and the vectorised
+``exp`` of PyTorch's CPU kernels takes a scalar slow path for them (measured here: 80× slower). Gaussian kernels
+underflow almost everywhere at small blurs, so each tile's logits are clamped at 80 below their row's maximum
+first: a term of relative size :math:`e^{-80} \approx 2\cdot10^{-35}` is kept instead of a smaller one, a change
+far below float64 resolution.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+_FLUSH = -80.0
 
 
 class Softmin(Protocol):
@@ -53,97 +71,102 @@ class Softmin(Protocol):
         """Soft averages Σ_j w_ij values_j (B, N, K) for values (B, M, K), given the softmin (B, N) of the inputs."""
 
 
-def cost(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
-    """C(x_i, y_j) = |x_i − y_j|^p / p for x (..., n, D), y (..., m, D) → (..., n, m)."""
+def tile_logits(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, eps: float, p: int) -> torch.Tensor:
+    """h_j − C(x_i, y_j)/ε for one tile x (n, D), y (m, D), h (m,) → a fresh (n, m) tensor (no autograd)."""
     if p == 2:
-        return ((x.unsqueeze(-2) - y.unsqueeze(-3)) ** 2).sum(-1) / 2
-    return (x.unsqueeze(-2) - y.unsqueeze(-3)).norm(dim=-1)
+        center = x.mean(0)
+        xc, yc = x - center, y - center
+        logits = torch.addmm(h - (yc * yc).sum(-1) / (2 * eps), xc, yc.T, alpha=1 / eps)
+        return logits.sub_(((xc * xc).sum(-1) / (2 * eps)).unsqueeze(-1))
+    distance = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    return distance.div_(-eps).add_(h)
 
 
-class DenseSoftmin:
-    """Softmin on the full (B, N, M) cost matrix; differentiable by plain autograd."""
+def tile_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """In-place log Σ_j exp(logits_ij) of a tile (n, m) → (n,); rows of −∞ stay −∞."""
+    peak = logits.amax(-1)
+    finite = torch.isfinite(peak)
+    shift = torch.where(finite, peak, torch.zeros_like(peak))
+    total = logits.sub_(shift.unsqueeze(-1)).clamp_min_(_FLUSH).exp_().sum(-1)
+    return torch.where(finite, total.log_().add_(shift), peak)
 
-    name = "dense"
+
+def tile_average(logits: torch.Tensor, lse: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """In-place Σ_j exp(logits_ij − lse_i) values_j of a tile → (n, K)."""
+    return logits.sub_(lse.unsqueeze(-1)).clamp_min_(_FLUSH).exp_() @ values
+
+
+Tile = tuple[slice, "slice | torch.Tensor"]
+
+
+class TiledSoftmin:
+    """Softmin as a sum over tiles (row slice, column slice or index), reduced with :func:`tile_logsumexp`.
+
+    Subclasses say which tiles of batch item ``b`` to visit; a row may appear in several tiles (their partial sums
+    are merged in log space). Not differentiable: the solver differentiates through its own envelope formula.
+    """
+
+    name = "tiled"
 
     def __init__(self, p: int = 2):
         self.p = p
 
-    def __call__(self, eps, x, y, h):
-        return -eps * torch.logsumexp(h.unsqueeze(-2) - cost(x, y, self.p) / eps, dim=-1)
-
-    def average(self, eps, x, y, h, softmin, values):
-        weights = torch.exp(h.unsqueeze(-2) - cost(x, y, self.p) / eps + softmin.unsqueeze(-1) / eps)
-        return weights @ values
-
-
-def _block_logsumexp(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, inv_eps: torch.Tensor) -> torch.Tensor:
-    """log Σ_j exp(h_j − |x_i − y_j|²/(2ε)) for a row block x (n, D) against y (m, D)."""
-    return torch.logsumexp(h - ((x.unsqueeze(-2) - y.unsqueeze(-3)) ** 2).sum(-1) * (inv_eps / 2), dim=-1)
-
-
-def _block_average(x, y, h, inv_eps, lse, values):
-    """Σ_j exp(h_j − |x_i − y_j|²/(2ε) − lse_i) values_j for a row block."""
-    weights = torch.exp(h - ((x.unsqueeze(-2) - y.unsqueeze(-3)) ** 2).sum(-1) * (inv_eps / 2) - lse.unsqueeze(-1))
-    return weights @ values
-
-
-class OnlineSoftmin:
-    """Tiled softmin in pure torch for ``p = 2``: memory of one tile, optionally one compiled kernel per row block.
-
-    Parameters
-    ----------
-    compiled : bool
-        Run each row block through ``torch.compile`` (a C++ compiler on the CPU, Triton on the GPU). Rows are padded
-        to a fixed block size, so one kernel serves the whole problem; the first call compiles (seconds, cached).
-    block_rows, block_cols : int
-        Tile sizes (eager mode); in compiled mode a row block meets all columns in one fused kernel.
-    """
-
-    p = 2
-
-    def __init__(self, *, compiled: bool = False, block_rows: int = 512, block_cols: int = 4096):
-        self.compiled = compiled
-        self.block_rows = block_rows
-        self.block_cols = block_cols
-        self.name = "online-compiled" if compiled else "online"
-        self._lse = torch.compile(_block_logsumexp, dynamic=False) if compiled else _block_logsumexp
-        self._average = torch.compile(_block_average, dynamic=False) if compiled else _block_average
-
-    def _row_blocks(self, n: int):
-        for start in range(0, n, self.block_rows):
-            yield start, min(start + self.block_rows, n)
-
-    def _pad(self, rows: torch.Tensor) -> torch.Tensor:
-        missing = self.block_rows - len(rows)
-        return torch.cat([rows, rows[-1:].expand(missing, *rows.shape[1:])]) if self.compiled and missing else rows
-
-    def _col_blocks(self, m: int):
-        step = m if self.compiled else self.block_cols
-        for start in range(0, m, step):
-            yield slice(start, min(start + step, m))
+    def tiles(self, b: int, n: int, m: int) -> Iterator[Tile]:
+        raise NotImplementedError
 
     def __call__(self, eps, x, y, h):
-        inv_eps = torch.tensor(1.0 / eps, dtype=x.dtype, device=x.device)
-        out = torch.empty(x.shape[:-1], dtype=x.dtype, device=x.device)
-        for b in range(len(x)):
-            for start, stop in self._row_blocks(x.shape[1]):
-                rows = self._pad(x[b, start:stop])
-                parts = [self._lse(rows, y[b, cols], h[b, cols], inv_eps) for cols in self._col_blocks(y.shape[1])]
-                lse = torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
-                out[b, start:stop] = lse[: stop - start]
-        return -eps * out
+        out = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
+        for b in range(x.shape[0]):
+            for rows, cols in self.tiles(b, x.shape[1], y.shape[1]):
+                lse = tile_logsumexp(tile_logits(x[b, rows], y[b, cols], h[b, cols], eps, self.p))
+                out[b, rows] = torch.logaddexp(out[b, rows], lse)
+        return out.mul_(-eps)
 
     def average(self, eps, x, y, h, softmin, values):
-        inv_eps = torch.tensor(1.0 / eps, dtype=x.dtype, device=x.device)
         out = torch.zeros(*x.shape[:-1], values.shape[-1], dtype=x.dtype, device=x.device)
-        for b in range(len(x)):
-            for start, stop in self._row_blocks(x.shape[1]):
-                rows = self._pad(x[b, start:stop])
-                lse = self._pad(-softmin[b, start:stop] / eps)
-                for cols in self._col_blocks(y.shape[1]):
-                    block = self._average(rows, y[b, cols], h[b, cols], inv_eps, lse, values[b, cols])
-                    out[b, start:stop] += block[: stop - start]
+        lse = -softmin / eps
+        for b in range(x.shape[0]):
+            for rows, cols in self.tiles(b, x.shape[1], y.shape[1]):
+                logits = tile_logits(x[b, rows], y[b, cols], h[b, cols], eps, self.p)
+                out[b, rows] += tile_average(logits, lse[b, rows], values[b, cols])
         return out
+
+    def cost_gradient(self, eps, x, y, h, softmin):
+        """Σ_j w_ij ∇_x C(x_i, y_j) for p = 1: Σ_j w_ij (x_i − y_j)/|x_i − y_j| (0 where x_i = y_j), (B, N, D)."""
+        out = torch.zeros_like(x)
+        lse = -softmin / eps
+        for b in range(x.shape[0]):
+            for rows, cols in self.tiles(b, x.shape[1], y.shape[1]):
+                distance = torch.cdist(x[b, rows], y[b, cols], compute_mode="donot_use_mm_for_euclid_dist")
+                weights = tile_logits(x[b, rows], y[b, cols], h[b, cols], eps, self.p).sub_(lse[b, rows].unsqueeze(-1))
+                weights = weights.clamp_min_(_FLUSH).exp_().div_(distance).nan_to_num_(0.0, 0.0, 0.0)
+                out[b, rows] += x[b, rows] * weights.sum(-1, keepdim=True) - weights @ y[b, cols]
+        return out
+
+
+class DenseSoftmin(TiledSoftmin):
+    """One tile holding the whole (N, M) matrix: the fastest for small problems, O(N M) memory."""
+
+    name = "dense"
+
+    def tiles(self, b, n, m):
+        yield slice(0, n), slice(0, m)
+
+
+class OnlineSoftmin(TiledSoftmin):
+    """Every (row block, column block) tile: exact, memory of one tile, pure torch (no compiler)."""
+
+    name = "online"
+
+    def __init__(self, p: int = 2, *, block_rows: int = 256, block_cols: int = 8192):
+        super().__init__(p)
+        self.block_rows, self.block_cols = block_rows, block_cols
+
+    def tiles(self, b, n, m):
+        for start in range(0, n, self.block_rows):
+            rows = slice(start, min(start + self.block_rows, n))
+            for col_start in range(0, m, self.block_cols):
+                yield rows, slice(col_start, min(col_start + self.block_cols, m))
 
 
 class KeOpsSoftmin:
@@ -184,34 +207,3 @@ def keops_available() -> bool:
             _KEOPS_STATUS["ok"] = False
             logger.warning("KeOps is unavailable (%s: %s); geomed uses its torch backends", type(error).__name__, error)
     return _KEOPS_STATUS["ok"]
-
-
-BACKENDS = ("auto", "dense", "online", "online-compiled", "keops")
-
-
-def make_softmin(backend: str, p: int, n: int, m: int, device: torch.device) -> Softmin:
-    """The softmin for ``backend`` in :data:`BACKENDS`.
-
-    ``auto`` takes dense up to 4·10⁶ cost entries per batch item; beyond, KeOps on GPUs and the online path on
-    CPUs — compiled from 10⁸ entries on (where the one-off compilation pays for itself).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if n * m <= 4_000_000:
-            backend = "dense"
-        elif (device.type == "cuda" or p != 2) and keops_available():
-            backend = "keops"
-        elif p != 2:
-            backend = "dense"
-        else:
-            backend = "online-compiled" if n * m >= 100_000_000 else "online"
-    if backend == "dense":
-        return DenseSoftmin(p)
-    if backend == "keops":
-        if not keops_available():
-            raise ValueError("backend='keops' was asked for, but KeOps is unavailable here (see the logged warning)")
-        return KeOpsSoftmin(p)
-    if p != 2:
-        raise ValueError(f"backend={backend!r} supports p=2 only; use 'dense' or 'keops' for p={p}")
-    return OnlineSoftmin(compiled=backend == "online-compiled")
