@@ -251,7 +251,6 @@ class Multiscale:
 
     def _dense_softmins(self):
         online = OnlineSoftmin(self.p, block_rows=_BLOCK_ROWS, block_cols=_BLOCK_COLS)
-        online.kept = 1.0
         return {"xy": online, "yx": online, "xx": online, "yy": online}
 
     # ------------------------------------------------------------------------------------------- the loop's hooks

@@ -328,7 +328,7 @@ def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, i
             geometry, epsilons, rho_a, rho_b, debias and not identical, tol, max_iter)
     if debias and identical:  # S(α, α) = 0 exactly: the symmetric problems are the cross problem
         potentials[2], potentials[3] = potentials[1], potentials[0]
-    order_x, order_y = _orders(geometry, x.shape[0])
+    order_x, order_y = _orders(geometry)
     xs, ys = (x, y) if order_x is None else (_gather(x, order_x), _gather(y, order_y))
     alphas, betas = (alpha, beta) if order_x is None else (torch.gather(alpha, 1, order_x), torch.gather(beta, 1, order_y))
     with torch.enable_grad():
@@ -339,7 +339,7 @@ def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, i
     return value, f, g, f_aa, g_bb, error, converged, schedule, plan
 
 
-def _orders(geometry, batch: int):
+def _orders(geometry):
     if isinstance(geometry, Multiscale):
         return geometry.perm_x[None], geometry.perm_y[None]
     return geometry.order if geometry.order is not None else (None, None)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -99,7 +100,7 @@ def tile_average(logits: torch.Tensor, lse: torch.Tensor, values: torch.Tensor) 
 Tile = tuple[slice, "slice | torch.Tensor"]
 
 
-class TiledSoftmin:
+class TiledSoftmin(ABC):
     """Softmin as a sum over tiles (row slice, column slice or index), reduced with :func:`tile_logsumexp`.
 
     Subclasses say which tiles of batch item ``b`` to visit; a row may appear in several tiles (their partial sums
@@ -111,8 +112,9 @@ class TiledSoftmin:
     def __init__(self, p: int = 2):
         self.p = p
 
+    @abstractmethod
     def tiles(self, b: int, n: int, m: int) -> Iterator[Tile]:
-        raise NotImplementedError
+        """The (row slice, column slice or index) tiles of batch item ``b`` for n rows and m columns."""
 
     def __call__(self, eps, x, y, h):
         out = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
