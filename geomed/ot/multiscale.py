@@ -198,9 +198,9 @@ class Multiscale:
         Log-weights.
     p : {1, 2}
     blur : float
-        Final blur (mm); the finest clusters have a cell diagonal of about ``blur``.
+        Final blur (mm); the grid starts from cells of diagonal ``blur``, coarsened until a level pays off.
     damping : callable
-        ``damping(eps, side)`` → λ of the unbalanced Sinkhorn update for side "a" or "b" (1 when balanced).
+        ``damping(eps, side)`` → λ of the unbalanced Sinkhorn update for side "x" or "y" (1 when balanced).
     debias : bool
         Whether the symmetric problems (α, α), (β, β) are solved too.
     """
@@ -237,6 +237,11 @@ class Multiscale:
     def scale(self) -> float:
         """Cell side (mm) of the working level; 0 for the input points."""
         return self.cells[self.level]
+
+    @property
+    def order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Permutations (1, N), (1, M) from input order to the working (Morton) order of the points."""
+        return self.perm_x[None], self.perm_y[None]
 
     @property
     def kept(self) -> float:
@@ -293,19 +298,7 @@ class Multiscale:
             values = softmin(eps, row_points[None], col_points[None], h)
             average = softmin.average(eps, row_points[None], col_points[None], h, values, col_points[None])
             extended[name] = (potentials[i][0], self._gradient_u(eps, rows, row_points, average[0]))
-        candidates = self._candidates(q)
-        self.patterns = {}
-        for name, rows, cols, _, _ in self._names():
-            if name == "yx":
-                continue
-            pair_rows, pair_cols = candidates[name]
-            f_rows, grad_rows = extended[name]
-            partner = "yx" if name == "xy" else name
-            f_cols, grad_cols = extended[partner]
-            keep = self._keep(eps, q, rows, cols, pair_rows, pair_cols, f_rows, grad_rows, f_cols, grad_cols)
-            self.patterns[name] = _Pattern(pair_rows[keep], pair_cols[keep])
-        self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
-        self._truncated_at = eps
+        self._prune(eps, q, self._candidates(q), extended)
         extrapolated = list(potentials)
         for name, rows, cols, i, j in self._names():
             pattern = self.patterns[name]
@@ -335,6 +328,22 @@ class Multiscale:
                 pattern = self.patterns[name]
                 result[name] = _expand_pairs(pattern.rows, pattern.cols, row_levels, col_levels, q + 1)
         return result
+
+    def _prune(self, eps, q, candidates, extended) -> None:
+        """Patterns of the candidate pairs that pass :meth:`_keep`; the (y, x) pattern is the transposed (x, y) one.
+
+        ``extended[name]`` holds the potential and ∇u of problem ``name`` at the level-q points of its rows.
+        """
+        self.patterns = {}
+        for name, rows, cols, _, _ in self._names():
+            if name == "yx":
+                continue
+            pair_rows, pair_cols = candidates[name]
+            partner = "yx" if name == "xy" else name
+            keep = self._keep(eps, q, rows, cols, pair_rows, pair_cols, *extended[name], *extended[partner])
+            self.patterns[name] = _Pattern(pair_rows[keep], pair_cols[keep])
+        self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
+        self._truncated_at = eps
 
     def _gradient_u(self, eps, side, points, average):
         """∇u = λ T + (1 − λ) x at the given points, from the soft average T of the other measure."""
@@ -377,15 +386,7 @@ class Multiscale:
             average = softmin.average(eps, centres, col_points, h, values, col_points)
             damping = self.damping(eps, rows)
             extended[name] = (damping * values[0], self._gradient_u(eps, rows, centres[0], average[0]))
-        for name, rows, cols, _, _ in self._names():
-            if name == "yx":
-                continue
-            pattern = self.patterns[name]
-            partner = "yx" if name == "xy" else name
-            keep = self._keep(eps, q, rows, cols, pattern.rows, pattern.cols, *extended[name], *extended[partner])
-            self.patterns[name] = _Pattern(pattern.rows[keep], pattern.cols[keep])
-        self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
-        self._truncated_at = eps
+        self._prune(eps, q, {name: (pattern.rows, pattern.cols) for name, pattern in self.patterns.items()}, extended)
         self._set_softmins()
 
     def _set_softmins(self) -> None:

@@ -144,8 +144,9 @@ def _relative_change(weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor
     return float(error.max())
 
 
-def _choose_backend(backend: str, p: int, n: int, m: int, device: torch.device) -> str:
-    """``auto``: dense up to 4·10⁶ cost entries per item; beyond, KeOps on GPUs, multiscale on CPUs."""
+def _choose_backend(backend: str, n: int, m: int, dim: int, device: torch.device) -> str:
+    """``auto``: dense up to 4·10⁶ cost entries per item; beyond, KeOps on GPUs, multiscale on CPUs (online for
+    D > 6, where the grid clusters stop)."""
     if backend == "keops" and not keops_available():
         raise ValueError("backend='keops' was asked for, but KeOps is unavailable here (see the logged warning)")
     if backend != "auto":
@@ -154,7 +155,7 @@ def _choose_backend(backend: str, p: int, n: int, m: int, device: torch.device) 
         return "dense"
     if device.type == "cuda" and keops_available():
         return "keops"
-    return "multiscale"
+    return "multiscale" if dim <= 6 else "online"
 
 
 class _SingleScale:
@@ -292,9 +293,7 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
         if diameter is None:
             both = torch.cat([x, y], dim=1).detach()
             diameter = max(float((both.amax(1) - both.amin(1)).norm(dim=-1).max()), blur)
-        name = _choose_backend(backend, p, x.shape[1], y.shape[1], x.device)
-        if name == "multiscale" and a.dim > 6:
-            name = "online"
+        name = _choose_backend(backend, x.shape[1], y.shape[1], a.dim, x.device)
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
         options = dict(blur=blur, p=p, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
                        max_iter=max_iter, epsilons=_epsilon_schedule(diameter, blur, p, scaling))
@@ -328,7 +327,7 @@ def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, i
             geometry, epsilons, rho_a, rho_b, debias and not identical, tol, max_iter)
     if debias and identical:  # S(α, α) = 0 exactly: the symmetric problems are the cross problem
         potentials[2], potentials[3] = potentials[1], potentials[0]
-    order_x, order_y = _orders(geometry)
+    order_x, order_y = geometry.order or (None, None)
     xs, ys = (x, y) if order_x is None else (_gather(x, order_x), _gather(y, order_y))
     alphas, betas = (alpha, beta) if order_x is None else (torch.gather(alpha, 1, order_x), torch.gather(beta, 1, order_y))
     with torch.enable_grad():
@@ -337,12 +336,6 @@ def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, i
     plan = _PlanItem(geometry.softmins["xy"], geometry.softmins["yx"], xs.detach(), ys.detach(),
                      alphas.detach().log(), betas.detach().log(), potentials[0], potentials[1], order_x, order_y)
     return value, f, g, f_aa, g_bb, error, converged, schedule, plan
-
-
-def _orders(geometry):
-    if isinstance(geometry, Multiscale):
-        return geometry.perm_x[None], geometry.perm_y[None]
-    return geometry.order if geometry.order is not None else (None, None)
 
 
 def _result(items, center, batched: bool, eps: float, backend: str) -> OTResult:
