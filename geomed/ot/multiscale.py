@@ -43,11 +43,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .softmin import OnlineSoftmin, TiledSoftmin
+from .softmin import OnlineSoftmin, TiledSoftmin, tile_average, tile_logits, tile_logsumexp
 
 _TRUNCATION = 8.0
 _MAX_COARSEST = 1000
-_BLOCK_ROWS = 256
+_BLOCK_ROWS = 64
 _BLOCK_COLS = 8192
 
 
@@ -118,19 +118,72 @@ def _build_levels(points: torch.Tensor, log_weights: torch.Tensor, codes: torch.
 
 
 class BlockSparseSoftmin(TiledSoftmin):
-    """Softmin over the tiles of a truncation pattern: (row range, gathered column indices) per block (B = 1)."""
+    """Softmin over the tiles of a truncation pattern: (row range, gathered column indices) per block (B = 1).
+
+    Blocks are cut into row chunks of ≤ 64 rows, sorted by their number of columns and stacked, padded, into groups
+    of ≈ 4·10⁶ entries: each group is one batched ``baddbmm`` + exponential pass, so that thousands of small tiles
+    cost a few dozen kernel launches per reduction instead of thousands.
+    """
 
     name = "multiscale"
 
     def __init__(self, p: int, blocks: list[tuple[int, int, torch.Tensor]], kept: float):
         super().__init__(p)
         self.blocks, self.kept = blocks, kept
+        self._groups = _stack_blocks(blocks)
 
     def tiles(self, b, n, m):
         for start, stop, cols in self.blocks:
             for row in range(start, stop, _BLOCK_ROWS):
-                for col in range(0, len(cols), _BLOCK_COLS):
-                    yield slice(row, min(row + _BLOCK_ROWS, stop)), cols[col : col + _BLOCK_COLS]
+                yield slice(row, min(row + _BLOCK_ROWS, stop)), cols
+
+    def __call__(self, eps, x, y, h):
+        out = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
+        for rows, valid, cols, padding in self._groups:
+            lse = tile_logsumexp(tile_logits(x[0][rows], y[0][cols], h[0][cols].masked_fill(padding, -math.inf),
+                                             eps, self.p))
+            out[0, rows[valid]] = lse[valid]
+        return out.mul_(-eps)
+
+    def average(self, eps, x, y, h, softmin, values):
+        out = torch.zeros(*x.shape[:-1], values.shape[-1], dtype=x.dtype, device=x.device)
+        lse = -softmin[0] / eps
+        for rows, valid, cols, padding in self._groups:
+            logits = tile_logits(x[0][rows], y[0][cols], h[0][cols].masked_fill(padding, -math.inf), eps, self.p)
+            out[0, rows[valid]] = tile_average(logits, lse[rows], values[0][cols])[valid]
+        return out
+
+
+def _stack_blocks(blocks, budget: int = 4_000_000):
+    """Groups (rows (k, R), valid rows (k, R), columns (k, C), padded columns (k, C)) of row chunks of similar width."""
+    chunks = [(row, min(row + _BLOCK_ROWS, stop), cols) for start, stop, cols in blocks
+              for row in range(start, stop, _BLOCK_ROWS)]
+    chunks.sort(key=lambda chunk: len(chunk[2]))
+    groups, current = [], []
+    for chunk in chunks:
+        if current and (len(current) + 1) * _BLOCK_ROWS * len(chunk[2]) > budget:
+            groups.append(_pad_group(current))
+            current = []
+        current.append(chunk)
+    if current:
+        groups.append(_pad_group(current))
+    return groups
+
+
+def _pad_group(chunks):
+    device = chunks[0][2].device
+    width = max(len(cols) for _, _, cols in chunks)
+    offsets = torch.arange(_BLOCK_ROWS, device=device)
+    starts = torch.tensor([start for start, _, _ in chunks], device=device)
+    sizes = torch.tensor([stop - start for start, stop, _ in chunks], device=device)
+    valid = offsets < sizes.unsqueeze(-1)
+    rows = torch.where(valid, starts.unsqueeze(-1) + offsets, starts.unsqueeze(-1))
+    cols = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
+    padding = torch.ones(len(chunks), width, dtype=torch.bool, device=device)
+    for k, (_, _, chunk_cols) in enumerate(chunks):
+        cols[k, : len(chunk_cols)] = chunk_cols
+        padding[k, : len(chunk_cols)] = False
+    return rows, valid, cols, padding
 
 
 def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, row_children: bool, col_children: bool):
@@ -219,7 +272,7 @@ class Multiscale:
         for level in range(1, 62 // dim + 1):
             shift = dim * (level - 1)
             count = len(torch.unique_consecutive(code_x >> shift)) + len(torch.unique_consecutive(code_y >> shift))
-            if count <= kept_points / (8 if not shifts else 3):
+            if count <= kept_points / (4 if not shifts else 3):
                 shifts.append(shift)
                 cells.append(cell * 2 ** (level - 1))
                 kept_points = count

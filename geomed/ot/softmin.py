@@ -73,14 +73,19 @@ class Softmin(Protocol):
 
 
 def tile_logits(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, eps: float, p: int) -> torch.Tensor:
-    """h_j − C(x_i, y_j)/ε for one tile x (n, D), y (m, D), h (m,) → a fresh (n, m) tensor (no autograd)."""
+    """h_j − C(x_i, y_j)/ε for a tile x (n, D), y (m, D), h (m,) → a fresh (n, m) tensor (no autograd).
+
+    Also for a stack of tiles x (k, n, D), y (k, m, D), h (k, m) → (k, n, m), each around its own centre.
+    """
     if p == 2:
-        center = x.mean(0)
+        center = x.mean(-2, keepdim=True)
         xc, yc = x - center, y - center
-        logits = torch.addmm(h - (yc * yc).sum(-1) / (2 * eps), xc, yc.T, alpha=1 / eps)
+        columns = (h - (yc * yc).sum(-1) / (2 * eps)).unsqueeze(-2)
+        product = torch.baddbmm if x.dim() == 3 else torch.addmm
+        logits = product(columns, xc, yc.transpose(-1, -2), alpha=1 / eps)
         return logits.sub_(((xc * xc).sum(-1) / (2 * eps)).unsqueeze(-1))
     distance = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
-    return distance.div_(-eps).add_(h)
+    return distance.div_(-eps).add_(h.unsqueeze(-2))
 
 
 def tile_logsumexp(logits: torch.Tensor) -> torch.Tensor:
