@@ -170,6 +170,13 @@ def _stack_blocks(blocks, budget: int = 4_000_000):
     return groups
 
 
+def _groups_of(softmin: TiledSoftmin, n: int, m: int, device: torch.device):
+    """The stacked tiles of a block-sparse softmin, or of the full n × m matrix."""
+    if isinstance(softmin, BlockSparseSoftmin):
+        return softmin._groups
+    return _stack_blocks([(0, n, torch.arange(m, device=device))])
+
+
 def _pad_group(chunks):
     device = chunks[0][2].device
     width = max(len(cols) for _, _, cols in chunks)
@@ -186,6 +193,17 @@ def _pad_group(chunks):
     return rows, valid, cols, padding
 
 
+def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_second: int):
+    """Distinct pairs (first, second), sorted: by a boolean table when it is small, else by sorting keys."""
+    if n_first * n_second <= 200_000_000:
+        table = torch.zeros(n_first, n_second, dtype=torch.bool, device=first.device)
+        table[first, second] = True
+        pairs = table.nonzero()
+        return pairs[:, 0], pairs[:, 1]
+    keys = torch.unique(first * n_second + second)
+    return keys // n_second, keys % n_second
+
+
 def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, row_children: bool, col_children: bool):
     """Tiles for pattern pairs (I, J) of level-``level`` clusters: rows/columns are their children or themselves."""
     device = pairs_rows.device
@@ -196,8 +214,7 @@ def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, ro
         group_start = torch.arange(n_rows, device=device)
         group_count = torch.ones(n_rows, dtype=torch.long, device=device)
     block_of_group = group_start // _BLOCK_ROWS
-    keys = torch.unique(block_of_group[pairs_rows] * n_cols + pairs_cols)
-    block, column = keys // n_cols, keys % n_cols
+    block, column = _unique_pairs(block_of_group[pairs_rows], pairs_cols, int(block_of_group[-1]) + 1, n_cols)
     if col_children:
         col_start, col_count = cols.child_start[level][column], cols.child_count[level][column]
         indices = _expand_ranges(col_start, col_count)
@@ -219,17 +236,6 @@ def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, ro
     n = int(group_start[-1] + group_count[-1])
     m = len(cols.points[level - 1]) if col_children else n_cols
     return blocks, entries / (n * m)
-
-
-def _expand_pairs(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int):
-    """All children pairs (i, j) at level − 1 of the cluster pairs (I, J) at ``level``."""
-    row_start, row_count = rows.child_start[level][pairs_rows], rows.child_count[level][pairs_rows]
-    col_start, col_count = cols.child_start[level][pairs_cols], cols.child_count[level][pairs_cols]
-    sizes = row_count * col_count
-    total = int(sizes.sum())
-    pair = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes, output_size=total)
-    local = torch.arange(total, device=sizes.device) - (torch.cumsum(sizes, 0) - sizes)[pair]
-    return row_start[pair] + local // col_count[pair], col_start[pair] + local % col_count[pair]
 
 
 @dataclass
@@ -272,7 +278,7 @@ class Multiscale:
         for level in range(1, 62 // dim + 1):
             shift = dim * (level - 1)
             count = len(torch.unique_consecutive(code_x >> shift)) + len(torch.unique_consecutive(code_y >> shift))
-            if count <= kept_points / (4 if not shifts else 3):
+            if count <= kept_points / 3:
                 shifts.append(shift)
                 cells.append(cell * 2 ** (level - 1))
                 kept_points = count
@@ -315,11 +321,12 @@ class Multiscale:
     def advance(self, eps: float, potentials: list, final: bool) -> list:
         """Move to the level suited to ``eps`` (the input if ``final``), extrapolating the potentials; re-truncate."""
         target = self._target(eps, final)
-        while self.level > target:
+        while True:
+            if self.patterns is not None and eps < self._truncated_at:
+                self._retruncate(eps, potentials)
+            if self.level <= target:
+                return potentials
             potentials = self._jump(eps, potentials)
-        if self.patterns is not None and eps < self._truncated_at:
-            self._retruncate(eps, potentials)
-        return potentials
 
     def _target(self, eps: float, final: bool) -> int:
         if final:
@@ -351,7 +358,9 @@ class Multiscale:
             values = softmin(eps, row_points[None], col_points[None], h)
             average = softmin.average(eps, row_points[None], col_points[None], h, values, col_points[None])
             extended[name] = (potentials[i][0], self._gradient_u(eps, rows, row_points, average[0]))
-        self._prune(eps, q, self._candidates(q), extended)
+        self._prune(eps, q, {name: _groups_of(self.softmins[name], len(self._side(rows).points[q]),
+                                              len(self._side(cols).points[q]), self._side(rows).points[q].device)
+                             for name, rows, cols, _, _ in self._names()}, extended)
         extrapolated = list(potentials)
         for name, rows, cols, i, j in self._names():
             pattern = self.patterns[name]
@@ -365,36 +374,50 @@ class Multiscale:
         self._set_softmins()
         return extrapolated
 
-    def _candidates(self, q: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Cluster pairs at level q to test: all of them on the coarsest level, else children of kept pairs."""
-        result = {}
-        for name, rows, cols, _, _ in self._names():
-            if name == "yx":
-                continue
-            row_levels, col_levels = self._side(rows), self._side(cols)
-            if self.patterns is None:
-                n, m = len(row_levels.points[q]), len(col_levels.points[q])
-                device = row_levels.points[q].device
-                result[name] = (torch.arange(n, device=device).repeat_interleave(m),
-                                torch.arange(m, device=device).repeat(n))
-            else:
-                pattern = self.patterns[name]
-                result[name] = _expand_pairs(pattern.rows, pattern.cols, row_levels, col_levels, q + 1)
-        return result
+    def _prune(self, eps: float, q: int, groups: dict, extended: dict) -> None:
+        """New patterns: the level-q cluster pairs, within the stacked tiles ``groups[name]``, that may carry mass.
 
-    def _prune(self, eps, q, candidates, extended) -> None:
-        """Patterns of the candidate pairs that pass :meth:`_keep`; the (y, x) pattern is the transposed (x, y) one.
-
-        ``extended[name]`` holds the potential and ∇u of problem ``name`` at the level-q points of its rows.
+        A pair is kept when the lower bound on C − f − g over its two clusters (module docstring) is below τε, or
+        when it is the best pair of its row or column cluster (so that no cluster is left without partners). The
+        bound is evaluated tile by tile with BLAS-shaped operations (the per-pair bookkeeping is what costs at fine
+        levels). ``extended[name]`` holds the potential and ∇u of problem ``name`` at the level-q points of its
+        rows; the (y, x) pattern is the transposed (x, y) one.
         """
         self.patterns = {}
         for name, rows, cols, _, _ in self._names():
             if name == "yx":
                 continue
-            pair_rows, pair_cols = candidates[name]
-            partner = "yx" if name == "xy" else name
-            keep = self._keep(eps, q, rows, cols, pair_rows, pair_cols, *extended[name], *extended[partner])
-            self.patterns[name] = _Pattern(pair_rows[keep], pair_cols[keep])
+            row_levels, col_levels = self._side(rows), self._side(cols)
+            f_rows, grad_rows = extended[name]
+            f_cols, grad_cols = extended["yx" if name == "xy" else name]
+            found_rows, found_cols, best_rows, best_cols, best_values = [], [], [], [], []
+            for row_index, valid, col_index, padding in groups[name]:
+                cx, cy = row_levels.points[q][row_index], col_levels.points[q][col_index]
+                bound = tile_logits(cx, cy, f_cols[col_index] / eps, eps, self.p).mul_(-eps)
+                bound -= f_rows[row_index].unsqueeze(-1)
+                r_x, r_y = row_levels.radius[q][row_index].unsqueeze(-1), col_levels.radius[q][col_index].unsqueeze(-2)
+                if self.p == 2:
+                    bound -= r_x * torch.cdist(grad_rows[row_index], cy) + r_y * torch.cdist(cx, grad_cols[col_index])
+                    bound -= r_x * r_y
+                else:
+                    bound -= 2 * (r_x + r_y)
+                bound.masked_fill_(padding.unsqueeze(-2) | ~valid.unsqueeze(-1), math.inf)
+                keep = ((bound <= _TRUNCATION * eps) | (bound <= bound.amin(-1, keepdim=True))) & torch.isfinite(bound)
+                tile, row, col = keep.nonzero(as_tuple=True)
+                found_rows.append(row_index[tile, row])
+                found_cols.append(col_index[tile, col])
+                column_best, best_row = bound.min(-2)
+                best_values.append(column_best.flatten())
+                best_rows.append(row_index.gather(1, best_row).flatten())
+                best_cols.append(col_index.flatten())
+            values, candidates = torch.cat(best_values), torch.cat(best_cols)
+            best = torch.full((len(col_levels.points[q]),), math.inf, dtype=values.dtype, device=values.device)
+            best.scatter_reduce_(0, candidates, values, "amin")
+            chosen = (values <= best[candidates]) & torch.isfinite(values)
+            pairs = _unique_pairs(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]),
+                                  torch.cat([*found_cols, candidates[chosen]]),
+                                  len(row_levels.points[q]), len(col_levels.points[q]))
+            self.patterns[name] = _Pattern(*pairs)
         self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
         self._truncated_at = eps
 
@@ -402,25 +425,6 @@ class Multiscale:
         """∇u = λ T + (1 − λ) x at the given points, from the soft average T of the other measure."""
         damping = self.damping(eps, side)
         return damping * average + (1 - damping) * points
-
-    def _keep(self, eps, q, rows, cols, pair_rows, pair_cols, f_rows, grad_rows, f_cols, grad_cols):
-        """Mask of the pairs whose lower bound on C − f − g is below τε, plus the best pair of every cluster."""
-        row_levels, col_levels = self._side(rows), self._side(cols)
-        cx, cy = row_levels.points[q][pair_rows], col_levels.points[q][pair_cols]
-        r_x, r_y = row_levels.radius[q][pair_rows], col_levels.radius[q][pair_cols]
-        if self.p == 2:
-            phi = ((cx - cy) ** 2).sum(-1) / 2 - f_rows[pair_rows] - f_cols[pair_cols]
-            bound = (phi - r_x * (grad_rows[pair_rows] - cy).norm(dim=-1)
-                     - r_y * (grad_cols[pair_cols] - cx).norm(dim=-1) - r_x * r_y)
-        else:
-            phi = (cx - cy).norm(dim=-1) - f_rows[pair_rows] - f_cols[pair_cols]
-            bound = phi - 2 * (r_x + r_y)
-        keep = bound <= _TRUNCATION * eps
-        for index, size in ((pair_rows, len(row_levels.points[q])), (pair_cols, len(col_levels.points[q]))):
-            best = torch.full((size,), math.inf, dtype=bound.dtype, device=bound.device).scatter_reduce_(
-                0, index, bound, "amin")
-            keep |= bound <= best[index]
-        return keep
 
     # ------------------------------------------------------------------------------------------- re-truncation
     def _retruncate(self, eps: float, potentials: list) -> None:
@@ -439,7 +443,12 @@ class Multiscale:
             average = softmin.average(eps, centres, col_points, h, values, col_points)
             damping = self.damping(eps, rows)
             extended[name] = (damping * values[0], self._gradient_u(eps, rows, centres[0], average[0]))
-        self._prune(eps, q, {name: (pattern.rows, pattern.cols) for name, pattern in self.patterns.items()}, extended)
+        groups = {}
+        for name, rows, cols, _, _ in self._names():
+            pattern = self.patterns[name]
+            blocks, _ = _blocks(pattern.rows, pattern.cols, self._side(rows), self._side(cols), q, False, False)
+            groups[name] = _stack_blocks(blocks)
+        self._prune(eps, q, groups, extended)
         self._set_softmins()
 
     def _set_softmins(self) -> None:
