@@ -240,7 +240,7 @@ def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, ro
 
 @dataclass
 class _Pattern:
-    """Kept cluster pairs at one level, for one problem (rows measure, columns measure)."""
+    """Kept cluster pairs at one level, for one problem (rows measure, columns measure); a pair may repeat."""
 
     rows: torch.Tensor
     cols: torch.Tensor
@@ -414,10 +414,8 @@ class Multiscale:
             best = torch.full((len(col_levels.points[q]),), math.inf, dtype=values.dtype, device=values.device)
             best.scatter_reduce_(0, candidates, values, "amin")
             chosen = (values <= best[candidates]) & torch.isfinite(values)
-            pairs = _unique_pairs(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]),
-                                  torch.cat([*found_cols, candidates[chosen]]),
-                                  len(row_levels.points[q]), len(col_levels.points[q]))
-            self.patterns[name] = _Pattern(*pairs)
+            self.patterns[name] = _Pattern(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]),
+                                           torch.cat([*found_cols, candidates[chosen]]))
         self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
         self._truncated_at = eps
 
