@@ -172,9 +172,14 @@ def _summarise(rows: list[dict]) -> None:
         if ours and theirs:
             best = min(theirs, key=lambda r: r["seconds"])
             mine = min(ours, key=lambda r: r["seconds"])
+            gap = (mine["value"] - best["value"]) / mine["value"]
             print(f"{kind:8s} N={n:>7d} {'fwd+bwd' if backward else 'fwd':7s} ratio {best['seconds'] / mine['seconds']:6.2f} "
-                  f"(GeomLoss {best['library']} err {best['relative_error'] or 0:.1e}, geomed err "
-                  f"{mine['relative_error'] or 0:.1e})")
+                  f"(GeomLoss {best['library']} err {_error(best)}, geomed err {_error(mine)}, "
+                  f"GeomLoss value {gap:+.1%} below geomed's)")
+
+
+def _error(row: dict) -> str:
+    return "n/a" if row["relative_error"] is None else f"{row['relative_error']:.1e}"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 r"""Multiscale Sinkhorn: nested grid clusters, coarse-to-fine ε-scaling and block-sparse softmins.
 
 Large problems are solved on a hierarchy of nested point sets: level 0 is the input, level k ≥ 1 the weighted
-centroids of the occupied cells of a grid of side ``s_k = s_1 2^{k-1}`` (mm). A level is kept only if it at least
-halves the number of points ("as many scales as pay off"), up to a coarsest level of ≲ 1000 points. Points are
+centroids of the occupied cells of a grid of side ``s_k = s_1 2^{k-1}`` (mm). A level is kept only if it divides
+the number of points by at least 3 ("as many scales as pay off"), up to a coarsest level of ≲ 1000 points. Points are
 sorted in Morton (Z) order of the finest grid, so that every cluster of every level is a contiguous range of the
 level below, and neighbouring clusters are close in memory. Any dimension D ≤ 6 works (points with normals).
 
@@ -22,15 +22,18 @@ Truncation with a margin for cluster radii
     .. math:: C(x, y) - f(x) - g(y) \ge \Phi_{IJ} - r_I\,|\nabla u(c_I) - c_J| - r_J\,|\nabla v(c_J) - c_I|
               - r_I r_J, \qquad \Phi_{IJ} = C(c_I, c_J) - f(c_I) - g(c_J).
 
-    A pair is dropped when this lower bound exceeds :math:`\tau\varepsilon` (τ = 12: every dropped plan entry is
-    below :math:`e^{-12}` of its row's scale). GeomLoss drops pairs on :math:`\Phi_{IJ}` alone, which ignores the
-    cluster radii and biases volume-filling measures by 5–8%. For ``p = 1`` the costs and potentials are
-    1-Lipschitz, and the margin is :math:`2(r_I + r_J)`. The pattern is recomputed at every ε step (and once at
-    the final blur) from the fine potentials extended to the cluster centres — a softmin of the few centres
-    against the kept columns — so that it tightens as ε decreases.
+    A pair is dropped when this lower bound exceeds :math:`\tau\varepsilon` (τ = 8: every dropped plan entry is
+    below :math:`e^{-8}` of its row's scale, and the bound is conservative), unless it is the best pair of its row
+    or column cluster. GeomLoss drops pairs on :math:`\Phi_{IJ}` alone, which ignores the cluster radii and biases
+    volume-filling measures by 5–8%. For ``p = 1`` the costs and potentials are 1-Lipschitz, and the margin is
+    :math:`2(r_I + r_J)`. The pattern is recomputed at every ε step from the fine potentials extended to the
+    cluster centres — a softmin of the few centres against the kept columns — so that it tightens as ε
+    decreases. The bound is evaluated on whole tiles of candidate pairs with the same BLAS-shaped operations as
+    the softmin (``cdist`` for the margins), never pair by pair.
 Block-sparse softmin
-    Rows (in Morton order) are packed into blocks of ≈256; a block meets the union of the columns kept for its
-    clusters, gathered into one BLAS-shaped tile (:func:`geomed.ot.softmin.tile_logits`). The kept fraction of
+    Rows (in Morton order) are grouped by cluster into blocks of ≈64; a block meets the union of the columns kept
+    for its clusters. Blocks are sorted by width and stacked, padded, into groups of ≈4·10⁶ entries, each one
+    batched ``baddbmm`` plus one exponential pass (:func:`geomed.ot.softmin.tile_logits`). The kept fraction of
     the N × M cost matrix is recorded in the schedule.
 
 Batches are solved item by item (each item has its own clusters); results are stacked.
