@@ -1,22 +1,26 @@
 """geomed: geometric shape analysis for medical imaging.
 
 Every shape becomes a :class:`Measure` in world RAS millimetres; losses, registration and measurements take
-measures. Meshes, images and label maps are read with :func:`read_mesh` / :func:`read_image`.
+measures. Meshes, images and label maps are read with :func:`read_image` / :func:`read_mesh`.
+
+The file readers and writers (SimpleITK, VTK) are imported on first use, so that ``import geomed`` for losses in a
+training script pulls in torch alone.
 """
 
+from importlib import import_module
+
 from .image import Image
-from .io import read_image, read_mesh, write_image, write_mesh
 from .measure import Measure
 from .mesh import Mesh
 from .ot import OTResult, SinkhornLoss, sinkhorn_divergence
-from .surface import mask_to_mesh
 
-__all__ = [
-    "Image",
-    "Measure",
-    "Mesh",
-    "OTResult",
-    "SinkhornLoss",
-    "sinkhorn_divergence",
-    "mask_to_mesh", "read_image", "read_mesh", "write_image", "write_mesh"]
+_LAZY = {"read_image": "io", "read_mesh": "io", "write_image": "io", "write_mesh": "io", "mask_to_mesh": "surface"}
+
+__all__ = ["Image", "Measure", "Mesh", "OTResult", "SinkhornLoss", "sinkhorn_divergence", *_LAZY]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

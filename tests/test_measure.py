@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import geomed
 from geomed import Image, Measure, Mesh, datasets
 from geomed.morphometry import surface_area, volume
 
@@ -331,3 +335,14 @@ def test_data_types_do_not_alias_user_arrays():
     image = Image(array, np.eye(4))
     array[0, 0, 0] = 1.0
     assert image.array[0, 0, 0] == 0.0
+
+
+def test_import_geomed_loads_the_file_readers_on_first_use():
+    """A training script importing geomed for its losses pulls in torch, not VTK or SimpleITK."""
+    probe = ("import sys, geomed; before = {m for m in ('vtkmodules', 'SimpleITK') if m in sys.modules}; "
+             "geomed.read_mesh; after = {m for m in ('vtkmodules', 'SimpleITK') if m in sys.modules}; "
+             "print(sorted(before), sorted(after))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[] ['SimpleITK', 'vtkmodules']"
+    with pytest.raises(AttributeError, match="has no attribute 'read_volume'"):
+        geomed.read_volume  # noqa: B018

@@ -43,7 +43,9 @@ Gradients (envelope theorem)
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import time
 from collections.abc import Sequence
 
@@ -53,7 +55,7 @@ from torch import nn
 from ..measure import Measure
 from .multiscale import Multiscale, morton_order
 from .result import OTResult, ScheduleStep, _PlanItem, _Problem
-from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin, TiledSoftmin, keops_available
+from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin, keops_available
 
 _Reach = float | None | tuple[float | None, float | None]
 
@@ -82,7 +84,7 @@ class _EnvelopeSoftmin(torch.autograd.Function):
 
 
 def _differentiable_softmin(softmin: Softmin, eps: float, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor):
-    if softmin.p == 2 or isinstance(softmin, TiledSoftmin):
+    if softmin.p == 2 or not isinstance(softmin, KeOpsSoftmin):
         return _EnvelopeSoftmin.apply(x, y, h, eps, softmin)
     return softmin(eps, x, y, h)
 
@@ -101,7 +103,7 @@ def _damping(eps: float, rho: float | None) -> float:
     return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
 
 
-BACKENDS = ("auto", "dense", "online", "keops", "multiscale")
+BACKENDS = ("auto", "dense", "online", "keops", "triton", "multiscale")
 
 
 def _check_arguments(blur, p, scaling, backend, tol, max_iter, diameter) -> None:
@@ -145,17 +147,30 @@ def _relative_change(weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor
 
 
 def _choose_backend(backend: str, n: int, m: int, dim: int, device: torch.device) -> str:
-    """``auto``: dense up to 4·10⁶ cost entries per item; beyond, KeOps on GPUs, multiscale on CPUs (online for
-    D > 6, where the grid clusters stop)."""
+    """``auto``: dense up to 4·10⁶ cost entries per item; beyond, the fused ``triton`` kernels on GPUs (KeOps where
+    Triton is missing, then ``online``), multiscale on CPUs (online for D > 6, where the grid clusters stop)."""
     if backend == "keops" and not keops_available():
         raise ValueError("backend='keops' was asked for, but KeOps is unavailable here (see the logged warning)")
+    if backend == "triton" and (reason := _triton_unusable(device)):
+        raise ValueError(f"backend='triton' was asked for, but {reason}")
     if backend != "auto":
         return backend
     if n * m <= 4_000_000:
         return "dense"
-    if device.type == "cuda" and keops_available():
-        return "keops"
+    if device.type == "cuda":
+        if not _triton_unusable(device):
+            return "triton"
+        return "keops" if keops_available() else "online"
     return "multiscale" if dim <= 6 else "online"
+
+
+def _triton_unusable(device: torch.device) -> str | None:
+    """Why the ``triton`` backend cannot run on ``device``, or None if it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return f"it runs on CUDA tensors (or under TRITON_INTERPRET=1, Triton's CPU interpreter), got {device.type}"
+    return None
 
 
 class _SingleScale:
@@ -227,9 +242,10 @@ def sinkhorn_divergence(
         Ratio between successive blurs of the ε-scaling (closer to 1: more steps, each better warm-started).
     debias : bool
         Return the Sinkhorn divergence S (default), or the raw entropic OT_ε (biased: OT_ε(α, α) > 0).
-    backend : {"auto", "dense", "online", "keops", "multiscale"}
-        Softmin implementation (see :mod:`geomed.ot.softmin` and :mod:`geomed.ot.multiscale`); "auto" takes
-        "dense" up to 4·10⁶ cost entries, then "keops" on GPUs and "multiscale" on CPUs.
+    backend : {"auto", "dense", "online", "keops", "triton", "multiscale"}
+        Softmin implementation (see :mod:`geomed.ot.softmin`, :mod:`geomed.ot.triton_softmin` and
+        :mod:`geomed.ot.multiscale`); "auto" takes "dense" up to 4·10⁶ cost entries, then "triton" on GPUs
+        ("keops", then "online", without Triton) and "multiscale" on CPUs.
     tol : float or None
         Stop at the final blur once the relative L1 marginal error is below ``tol``; None runs ``max_iter``
         iterations. The value is a maximum over the potentials, so its error is second order in theirs: the
@@ -302,7 +318,7 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
                                  x[i : i + 1], y[i : i + 1], alpha[i : i + 1], beta[i : i + 1], **options)
                      for i in range(len(x))]
         else:
-            softmin = {"dense": DenseSoftmin, "online": OnlineSoftmin, "keops": KeOpsSoftmin}[name](p)
+            softmin = _single_scale_softmin(name, p, x.device)
             order = None
             if name in ("dense", "online"):
                 order = (torch.stack([morton_order(item, diameter / 1000) for item in x]),
@@ -310,6 +326,16 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
             geometry = _SingleScale(x, y, alpha.log(), beta.log(), softmin, order)
             items = [_solve_item(geometry, x, y, alpha, beta, **options)]
     return _result(items, center, bool(a.batch_shape), blur**p, name)
+
+
+def _single_scale_softmin(name: str, p: int, device: torch.device) -> Softmin:
+    if name == "online":
+        return OnlineSoftmin.for_device(p, device)
+    if name == "triton":
+        from .triton_softmin import TritonSoftmin
+
+        return TritonSoftmin(p)
+    return {"dense": DenseSoftmin, "keops": KeOpsSoftmin}[name](p)
 
 
 def _multiscale(x, y, alpha, beta, blur, p, rho_a, rho_b, debias) -> Multiscale:

@@ -20,7 +20,8 @@ Implementations (they differ in speed and memory, not in results):
 ``dense``
     One tile holding the whole (N, M) matrix: small problems.
 ``online``
-    Pure torch, no compiler: tiles of 256 rows × 8192 columns, memory of one tile. Any ``p``.
+    Pure torch, no compiler: tiles of 256 rows × 8192 columns on a CPU (they stay in cache), 4096 × 16384 on a
+    GPU (enough work per kernel launch), memory of one tile. Any ``p``.
 
 In both, for ``p = 2`` each tile is BLAS-shaped —
     :math:`h_j - |y_j - c|^2/2\varepsilon + \langle x_i - c, y_j - c\rangle/\varepsilon - |x_i - c|^2/2\varepsilon`,
@@ -30,9 +31,10 @@ are not differentiated by autograd: the solver's envelope formula needs one soft
 :meth:`TiledSoftmin.cost_gradient` (``p = 1``).
 
 ``keops``
-    KeOps online reductions (CPU or GPU), O(N + M) memory, any ``p``; the GPU default.
+    KeOps online reductions (CPU or GPU), O(N + M) memory, any ``p``; the GPU fallback where Triton is missing.
 
-The block-sparse (multiscale) softmins live in :mod:`geomed.ot.multiscale` and reuse the tile code below.
+The fused GPU kernels (``triton``, the GPU default) live in :mod:`geomed.ot.triton_softmin`; the block-sparse
+(multiscale) softmins in :mod:`geomed.ot.multiscale`, which reuse the tile code below.
 
 Why the exponential pass clamps: exponentials of arguments below about −88 underflow float32, and the vectorised
 ``exp`` of PyTorch's CPU kernels takes a scalar slow path for them (measured here: 80× slower). Gaussian kernels
@@ -45,8 +47,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -169,6 +176,11 @@ class OnlineSoftmin(TiledSoftmin):
         super().__init__(p)
         self.block_rows, self.block_cols = block_rows, block_cols
 
+    @classmethod
+    def for_device(cls, p: int, device: torch.device) -> OnlineSoftmin:
+        """Tiles sized for ``device``: cache-sized on CPUs, large on GPUs."""
+        return cls(p, block_rows=4096, block_cols=16384) if device.type == "cuda" else cls(p)
+
     def tiles(self, b, n, m):
         for start in range(0, n, self.block_rows):
             rows = slice(start, min(start + self.block_rows, n))
@@ -203,14 +215,45 @@ class KeOpsSoftmin:
 
 _KEOPS_STATUS: dict[str, bool] = {}
 
+_KEOPS_PROBE = """
+import torch
+from geomed.ot.softmin import KeOpsSoftmin
+for device in ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]:
+    x = torch.zeros(1, 2, 1, device=device)
+    assert torch.isfinite(KeOpsSoftmin(2)(1.0, x, x, torch.zeros(1, 2, device=device))).all(), device
+"""
+
 
 def keops_available() -> bool:
-    """Whether pykeops imports and compiles here; a failure is logged once, with its reason, and remembered."""
+    """Whether KeOps compiles and runs here, on the CPU and on the GPU if there is one.
+
+    Probed once per process, in a child process (a second or two, plus KeOps' first compilation), because a broken
+    KeOps build can kill its process outright — seen here: a segmentation fault while generating code under
+    CUDA 13 — and no ``try`` catches that. A failure is logged once, with its reason, and remembered; geomed then
+    uses its torch backends.
+    """
     if "ok" not in _KEOPS_STATUS:
-        try:
-            x = torch.zeros(1, 2, 1)
-            _KEOPS_STATUS["ok"] = bool(torch.isfinite(KeOpsSoftmin(2)(1.0, x, x, torch.zeros(1, 2))).all())
-        except Exception as error:  # a broken KeOps build raises ImportError, RuntimeError, OSError, ...
-            _KEOPS_STATUS["ok"] = False
-            logger.warning("KeOps is unavailable (%s: %s); geomed uses its torch backends", type(error).__name__, error)
+        reason = _probe_keops()
+        _KEOPS_STATUS["ok"] = reason is None
+        if reason is not None:
+            logger.warning("KeOps is unavailable (%s); geomed uses its torch backends", reason)
     return _KEOPS_STATUS["ok"]
+
+
+def _probe_keops() -> str | None:
+    """Run one KeOps softmin in a child process; ``None`` if it worked, else why not."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        child = subprocess.run([sys.executable, "-c", _KEOPS_PROBE], capture_output=True, text=True, env=env,
+                               timeout=600)
+    except subprocess.TimeoutExpired:
+        return "its test reduction did not finish within 10 minutes"
+    if child.returncode == 0:
+        return None
+    if child.returncode < 0:
+        how = f"its process killed by {signal.Signals(-child.returncode).name}"
+    else:
+        how = f"exit status {child.returncode}"
+    last_line = (child.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"its test reduction failed, {how}: {last_line}"
