@@ -168,7 +168,8 @@ def _average_kernel(x_ptr, y_ptr, h_ptr, lse_ptr, v_ptr, out_ptr, n, m, inv_eps_
         logits, squared = _logits(xs, y_ptr, h_ptr, cols, m, inv_eps, D, DP, P)
         weights = tl.exp(logits - lse[:, None])
         if DIVIDE:
-            weights = tl.where(squared > 0, weights / tl.sqrt(squared), 0.0)
+            positive = squared > 0
+            weights = tl.where(positive, weights / tl.sqrt(tl.where(positive, squared, 1.0)), 0.0)
         values = tl.load(v_ptr + cols[:, None] * K + channels[None, :],
                          mask=(cols[:, None] < m) & (channels[None, :] < K), other=0.0)
         total += tl.dot(weights, values, input_precision="ieee")
