@@ -30,6 +30,13 @@ Truncation with a margin for cluster radii
     cluster centres — a softmin of the few centres against the kept columns — so that it tightens as ε
     decreases. The bound is evaluated on whole tiles of candidate pairs with the same BLAS-shaped operations as
     the softmin (``cdist`` for the margins), never pair by pair.
+Refinement at the final blur
+    The radius margins are loose: a row cluster of radius r keeps columns out to a distance of about
+    :math:`2r + \sqrt{2\tau\varepsilon}`. Once the solver works on the input points at the final blur, where
+    most iterations run, each row chunk's columns are cut by the exact test
+    :math:`C(x_i, y_j) - f_i - g_j \le \tau\varepsilon` for some row of the chunk (no radii on points): on
+    10k tibia voxels at blur 1% of the diameter the kept fraction drops from 22% to 7% and the final iterations
+    run 2.2× faster. It costs about one softmin on the cluster pattern, so it is done once, at the final blur.
 Block-sparse softmin
     Rows (in Morton order) are grouped by cluster into blocks of ≈64; a block meets the union of the columns kept
     for its clusters. Blocks are sorted by width and stacked, padded, into groups of ≈4·10⁶ entries, each one
@@ -196,6 +203,28 @@ def _pad_group(chunks):
     return rows, valid, cols, padding
 
 
+def _refine(softmin: BlockSparseSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
+            g: torch.Tensor) -> BlockSparseSoftmin:
+    """Drop, from each row chunk of a block-sparse softmin on the input points, the columns j with
+    C(x_i, y_j) − f_i − g_j > τε for every row i of the chunk (keeping each row's best column).
+
+    On points the test is exact — no cluster radii — so it removes what the cluster-level margins had to keep:
+    with 64-row chunks, a few times fewer entries on volume-filling measures, where the final iterations run.
+    """
+    chunks, entries = [], 0
+    for rows, valid, cols, padding in softmin._groups:
+        slack = tile_logits(x[rows], y[cols], (g[cols] / eps).masked_fill(padding, -math.inf), eps, softmin.p)
+        slack.add_((f[rows] / eps).masked_fill(~valid, -math.inf).unsqueeze(-1))
+        keep = slack.amax(-2) >= -_TRUNCATION
+        keep.scatter_(1, slack.argmax(-1), True)
+        keep &= ~padding
+        for k, (start, count) in enumerate(zip(rows[:, 0].tolist(), valid.sum(-1).tolist())):
+            kept_cols = cols[k][keep[k]]
+            chunks.append((start, start + count, kept_cols))
+            entries += count * len(kept_cols)
+    return BlockSparseSoftmin(softmin.p, chunks, entries / (len(x) * len(y)))
+
+
 def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_second: int):
     """Distinct pairs (first, second), sorted: by a boolean table when it is small, else by sorting keys."""
     if n_first * n_second <= 200_000_000:
@@ -326,10 +355,10 @@ class Multiscale:
         target = self._target(eps, final)
         while True:
             if self.patterns is not None and eps < self._truncated_at:
-                self._retruncate(eps, potentials)
+                self._retruncate(eps, potentials, final)
             if self.level <= target:
                 return potentials
-            potentials = self._jump(eps, potentials)
+            potentials = self._jump(eps, potentials, final)
 
     def _target(self, eps: float, final: bool) -> int:
         if final:
@@ -347,7 +376,7 @@ class Multiscale:
     def _side(self, name: str) -> _Levels:
         return self.x_levels if name == "x" else self.y_levels
 
-    def _jump(self, eps: float, potentials: list) -> list:
+    def _jump(self, eps: float, potentials: list, final: bool) -> list:
         """From the working level q to q − 1: truncation pattern from the level-q potentials, then extrapolation."""
         q = self.level
         measures = {"x": (self.x_levels.points[q], self.x_levels.log_weights[q]),
@@ -374,7 +403,7 @@ class Multiscale:
             damping = self.damping(eps, rows)
             extrapolated[i] = damping * softmin(eps, row_levels.points[q - 1][None], col_levels.points[q][None], h)
         self.level = q - 1
-        self._set_softmins()
+        self._set_softmins(eps, extrapolated, final)
         return extrapolated
 
     def _prune(self, eps: float, q: int, groups: dict, extended: dict) -> None:
@@ -428,7 +457,7 @@ class Multiscale:
         return damping * average + (1 - damping) * points
 
     # ------------------------------------------------------------------------------------------- re-truncation
-    def _retruncate(self, eps: float, potentials: list) -> None:
+    def _retruncate(self, eps: float, potentials: list, final: bool) -> None:
         """Tighten the working level's pattern with the current potentials, extended to the cluster centres."""
         q = self.level + 1
         extended = {}
@@ -450,12 +479,20 @@ class Multiscale:
             blocks, _ = _blocks(pattern.rows, pattern.cols, self._side(rows), self._side(cols), q, False, False)
             groups[name] = _stack_blocks(blocks)
         self._prune(eps, q, groups, extended)
-        self._set_softmins()
+        self._set_softmins(eps, potentials, final)
 
-    def _set_softmins(self) -> None:
+    def _set_softmins(self, eps: float, potentials: list, final: bool) -> None:
+        """Block-sparse softmins of the working level from the patterns; at the final blur, on the input points,
+        also refined entry by entry (:func:`_refine`: it costs about one softmin on the cluster pattern, and pays
+        back over the final iterations)."""
         q = self.level + 1
         self.softmins = {}
-        for name, rows, cols, _, _ in self._names():
+        for name, rows, cols, i, j in self._names():
             pattern = self.patterns[name]
-            blocks, kept = _blocks(pattern.rows, pattern.cols, self._side(rows), self._side(cols), q, True, True)
-            self.softmins[name] = BlockSparseSoftmin(self.p, blocks, kept)
+            row_levels, col_levels = self._side(rows), self._side(cols)
+            blocks, kept = _blocks(pattern.rows, pattern.cols, row_levels, col_levels, q, True, True)
+            softmin = BlockSparseSoftmin(self.p, blocks, kept)
+            if final and self.level == 0:
+                softmin = _refine(softmin, eps, row_levels.points[0], col_levels.points[0], potentials[i][0],
+                                  potentials[j][0])
+            self.softmins[name] = softmin
