@@ -58,6 +58,7 @@ from .softmin import OnlineSoftmin, TiledSoftmin, tile_average, tile_logits, til
 _TRUNCATION = 8.0
 _MAX_COARSEST = 1000
 _BLOCK_ROWS = 64
+_REFINED_ROWS = 16
 _BLOCK_COLS = 8192
 
 
@@ -137,46 +138,89 @@ class BlockSparseSoftmin(TiledSoftmin):
 
     name = "multiscale"
 
-    def __init__(self, p: int, blocks: list[tuple[int, int, torch.Tensor]], kept: float):
+    def __init__(self, p: int, blocks: list[tuple[int, int, torch.Tensor]], kept: float,
+                 chunk_rows: int = _BLOCK_ROWS):
         super().__init__(p)
-        self.blocks, self.kept = blocks, kept
-        self._groups = _stack_blocks(blocks)
+        self.blocks, self.kept, self.chunk_rows = blocks, kept, chunk_rows
+        self._groups = _stack_blocks(blocks, chunk_rows)
+        self._cache_key: tuple | None = None
+        self._cache: list[_GroupTiles] = []
 
     def tiles(self, b, n, m):
         for start, stop, cols in self.blocks:
-            for row in range(start, stop, _BLOCK_ROWS):
-                yield slice(row, min(row + _BLOCK_ROWS, stop)), cols
+            for row in range(start, stop, self.chunk_rows):
+                yield slice(row, min(row + self.chunk_rows, stop)), cols
 
     def __call__(self, eps, x, y, h):
         out = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
-        for rows, valid, cols, padding in self._groups:
-            lse = tile_logsumexp(tile_logits(x[0][rows], y[0][cols], h[0][cols].masked_fill(padding, -math.inf),
-                                             eps, self.p))
+        for (rows, valid, cols, padding), tiles in zip(self._groups, self._tiles(x, y)):
+            lse = tile_logsumexp(tiles.logits(h[0][cols].masked_fill(padding, -math.inf), eps))
             out[0, rows[valid]] = lse[valid]
         return out.mul_(-eps)
 
     def average(self, eps, x, y, h, softmin, values):
         out = torch.zeros(*x.shape[:-1], values.shape[-1], dtype=x.dtype, device=x.device)
         lse = -softmin[0] / eps
-        for rows, valid, cols, padding in self._groups:
-            logits = tile_logits(x[0][rows], y[0][cols], h[0][cols].masked_fill(padding, -math.inf), eps, self.p)
+        for (rows, valid, cols, padding), tiles in zip(self._groups, self._tiles(x, y)):
+            logits = tiles.logits(h[0][cols].masked_fill(padding, -math.inf), eps)
             out[0, rows[valid]] = tile_average(logits, lse[rows], values[0][cols])[valid]
         return out
 
+    def _tiles(self, x, y) -> list[_GroupTiles]:
+        """The gathered points of every group, kept while the solver works on the same (x, y) tensors: the points
+        do not change between iterations, only h does."""
+        key = (x.data_ptr(), y.data_ptr(), x._version, y._version, x.shape, y.shape, x.dtype)
+        if self._cache_key != key:
+            self._cache = [_GroupTiles(x[0][rows], y[0][cols], self.p) for rows, _, cols, _ in self._groups]
+            self._cache_key = key
+        return self._cache
 
-def _stack_blocks(blocks, budget: int = 4_000_000):
-    """Groups (rows (k, R), valid rows (k, R), columns (k, C), padded columns (k, C)) of row chunks of similar width."""
-    chunks = [(row, min(row + _BLOCK_ROWS, stop), cols) for start, stop, cols in blocks
-              for row in range(start, stop, _BLOCK_ROWS)]
+
+class _GroupTiles:
+    """The (k, R) rows and (k, C) columns of a stacked group. For p = 2 the points are centred on each tile's rows
+    and the rows' half squared norm rides in the matrix product as an extra coordinate,
+
+        ``[x_c/ε, −|x_c|²/2ε] · [y_c, 1]ᵀ + (h_j − |y_c|²/2ε)``,
+
+    so that an iteration costs one gather of h and one ``baddbmm``."""
+
+    def __init__(self, x_rows: torch.Tensor, y_cols: torch.Tensor, p: int):
+        self.p = p
+        if p == 2:
+            center = x_rows.mean(-2, keepdim=True)
+            self.x_centred, y_centred = x_rows - center, y_cols - center
+            ones = torch.ones(*y_centred.shape[:-1], 1, dtype=y_centred.dtype, device=y_centred.device)
+            self.y_augmented_t = torch.cat([y_centred, ones], -1).transpose(-1, -2)
+            self.y_half_squares = (y_centred * y_centred).sum(-1).div_(2)
+            self.eps, self.x_augmented = None, None
+        else:
+            self.x_rows, self.y_cols = x_rows, y_cols
+
+    def logits(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """h_j − C(x_i, y_j)/ε → a fresh (k, R, C) tensor (as :func:`geomed.ot.softmin.tile_logits`)."""
+        if self.p != 2:
+            return tile_logits(self.x_rows, self.y_cols, h, eps, self.p)
+        if self.eps != eps:
+            half_squares = (self.x_centred * self.x_centred).sum(-1, keepdim=True).div_(-2 * eps)
+            self.eps, self.x_augmented = eps, torch.cat([self.x_centred / eps, half_squares], -1)
+        columns = (h - self.y_half_squares / eps).unsqueeze(-2)
+        return torch.baddbmm(columns, self.x_augmented, self.y_augmented_t)
+
+
+def _stack_blocks(blocks, chunk_rows: int = _BLOCK_ROWS, budget: int = 4_000_000):
+    """Groups (rows (k, R), valid rows (k, R), columns (k, C), padded columns (k, C)) of row chunks of similar width,
+    R = ``chunk_rows``."""
+    chunks = [(row, min(row + chunk_rows, stop), cols) for start, stop, cols in blocks
+              for row in range(start, stop, chunk_rows)]
     chunks.sort(key=lambda chunk: len(chunk[2]))
     groups, current = [], []
     for chunk in chunks:
-        if current and (len(current) + 1) * _BLOCK_ROWS * len(chunk[2]) > budget:
-            groups.append(_pad_group(current))
+        if current and (len(current) + 1) * chunk_rows * len(chunk[2]) > budget:
+            groups.append(_pad_group(current, chunk_rows))
             current = []
         current.append(chunk)
     if current:
-        groups.append(_pad_group(current))
+        groups.append(_pad_group(current, chunk_rows))
     return groups
 
 
@@ -187,10 +231,10 @@ def _groups_of(softmin: TiledSoftmin, n: int, m: int, device: torch.device):
     return _stack_blocks([(0, n, torch.arange(m, device=device))])
 
 
-def _pad_group(chunks):
+def _pad_group(chunks, chunk_rows: int):
     device = chunks[0][2].device
     width = max(len(cols) for _, _, cols in chunks)
-    offsets = torch.arange(_BLOCK_ROWS, device=device)
+    offsets = torch.arange(chunk_rows, device=device)
     starts = torch.tensor([start for start, _, _ in chunks], device=device)
     sizes = torch.tensor([stop - start for start, stop, _ in chunks], device=device)
     valid = offsets < sizes.unsqueeze(-1)
@@ -205,24 +249,31 @@ def _pad_group(chunks):
 
 def _refine(softmin: BlockSparseSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
             g: torch.Tensor) -> BlockSparseSoftmin:
-    """Drop, from each row chunk of a block-sparse softmin on the input points, the columns j with
-    C(x_i, y_j) − f_i − g_j > τε for every row i of the chunk (keeping each row's best column).
+    """Cut each 64-row chunk of a block-sparse softmin on the input points into chunks of 16 rows, each keeping the
+    columns j with C(x_i, y_j) − f_i − g_j ≤ τε for some row i of it (and each row's best column).
 
-    On points the test is exact — no cluster radii — so it removes what the cluster-level margins had to keep:
-    with 64-row chunks, a few times fewer entries on volume-filling measures, where the final iterations run.
+    On points the test is exact — no cluster radii — so it removes what the cluster-level margins had to keep, and
+    the smaller chunks cover less space around their rows: on volume-filling measures a few times fewer entries,
+    where the final iterations run.
     """
+    parts = softmin.chunk_rows // _REFINED_ROWS
     chunks, entries = [], 0
     for rows, valid, cols, padding in softmin._groups:
         slack = tile_logits(x[rows], y[cols], (g[cols] / eps).masked_fill(padding, -math.inf), eps, softmin.p)
         slack.add_((f[rows] / eps).masked_fill(~valid, -math.inf).unsqueeze(-1))
-        keep = slack.amax(-2) >= -_TRUNCATION
-        keep.scatter_(1, slack.argmax(-1), True)
-        keep &= ~padding
+        best = slack.argmax(-1)
+        keep = slack.unflatten(1, (parts, _REFINED_ROWS)).amax(-2) >= -_TRUNCATION
+        part = torch.arange(softmin.chunk_rows, device=x.device) // _REFINED_ROWS
+        keep[torch.arange(len(rows), device=x.device).unsqueeze(-1), part, best] = True
+        keep &= ~padding.unsqueeze(1)
         for k, (start, count) in enumerate(zip(rows[:, 0].tolist(), valid.sum(-1).tolist())):
-            kept_cols = cols[k][keep[k]]
-            chunks.append((start, start + count, kept_cols))
-            entries += count * len(kept_cols)
-    return BlockSparseSoftmin(softmin.p, chunks, entries / (len(x) * len(y)))
+            for piece in range(parts):
+                size = min(_REFINED_ROWS, count - piece * _REFINED_ROWS)
+                if size > 0:
+                    kept_cols = cols[k][keep[k, piece]]
+                    chunks.append((start + piece * _REFINED_ROWS, start + piece * _REFINED_ROWS + size, kept_cols))
+                    entries += size * len(kept_cols)
+    return BlockSparseSoftmin(softmin.p, chunks, entries / (len(x) * len(y)), _REFINED_ROWS)
 
 
 def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_second: int):
@@ -321,6 +372,7 @@ class Multiscale:
         self.cells = [0.0] + cells
         self.level = len(self.cells) - 1
         self.patterns: dict[str, _Pattern] | None = None
+        self._refined_at: float | None = None
         self.softmins = self._dense_softmins()
 
     # ------------------------------------------------------------------------------------------- stage access
@@ -355,10 +407,13 @@ class Multiscale:
         target = self._target(eps, final)
         while True:
             if self.patterns is not None and eps < self._truncated_at:
-                self._retruncate(eps, potentials, final)
+                self._retruncate(eps, potentials)
             if self.level <= target:
-                return potentials
-            potentials = self._jump(eps, potentials, final)
+                break
+            potentials = self._jump(eps, potentials)
+        if final and self.level == 0:
+            self._refine_softmins(eps, potentials)
+        return potentials
 
     def _target(self, eps: float, final: bool) -> int:
         if final:
@@ -376,7 +431,7 @@ class Multiscale:
     def _side(self, name: str) -> _Levels:
         return self.x_levels if name == "x" else self.y_levels
 
-    def _jump(self, eps: float, potentials: list, final: bool) -> list:
+    def _jump(self, eps: float, potentials: list) -> list:
         """From the working level q to q − 1: truncation pattern from the level-q potentials, then extrapolation."""
         q = self.level
         measures = {"x": (self.x_levels.points[q], self.x_levels.log_weights[q]),
@@ -403,7 +458,7 @@ class Multiscale:
             damping = self.damping(eps, rows)
             extrapolated[i] = damping * softmin(eps, row_levels.points[q - 1][None], col_levels.points[q][None], h)
         self.level = q - 1
-        self._set_softmins(eps, extrapolated, final)
+        self._set_softmins()
         return extrapolated
 
     def _prune(self, eps: float, q: int, groups: dict, extended: dict) -> None:
@@ -457,7 +512,7 @@ class Multiscale:
         return damping * average + (1 - damping) * points
 
     # ------------------------------------------------------------------------------------------- re-truncation
-    def _retruncate(self, eps: float, potentials: list, final: bool) -> None:
+    def _retruncate(self, eps: float, potentials: list) -> None:
         """Tighten the working level's pattern with the current potentials, extended to the cluster centres."""
         q = self.level + 1
         extended = {}
@@ -479,20 +534,23 @@ class Multiscale:
             blocks, _ = _blocks(pattern.rows, pattern.cols, self._side(rows), self._side(cols), q, False, False)
             groups[name] = _stack_blocks(blocks)
         self._prune(eps, q, groups, extended)
-        self._set_softmins(eps, potentials, final)
+        self._set_softmins()
 
-    def _set_softmins(self, eps: float, potentials: list, final: bool) -> None:
-        """Block-sparse softmins of the working level from the patterns; at the final blur, on the input points,
-        also refined entry by entry (:func:`_refine`: it costs about one softmin on the cluster pattern, and pays
-        back over the final iterations)."""
+    def _set_softmins(self) -> None:
+        """Block-sparse softmins of the working level from the cluster patterns."""
         q = self.level + 1
         self.softmins = {}
-        for name, rows, cols, i, j in self._names():
+        for name, rows, cols, _, _ in self._names():
             pattern = self.patterns[name]
-            row_levels, col_levels = self._side(rows), self._side(cols)
-            blocks, kept = _blocks(pattern.rows, pattern.cols, row_levels, col_levels, q, True, True)
-            softmin = BlockSparseSoftmin(self.p, blocks, kept)
-            if final and self.level == 0:
-                softmin = _refine(softmin, eps, row_levels.points[0], col_levels.points[0], potentials[i][0],
-                                  potentials[j][0])
-            self.softmins[name] = softmin
+            blocks, kept = _blocks(pattern.rows, pattern.cols, self._side(rows), self._side(cols), q, True, True)
+            self.softmins[name] = BlockSparseSoftmin(self.p, blocks, kept)
+
+    def _refine_softmins(self, eps: float, potentials: list) -> None:
+        """At the final blur, on the input points: cut every softmin's pattern entry by entry (:func:`_refine`; it
+        costs about one softmin on the cluster pattern and pays back over the final iterations)."""
+        if self._refined_at == eps:
+            return
+        for name, rows, cols, i, j in self._names():
+            self.softmins[name] = _refine(self.softmins[name], eps, self._side(rows).points[0],
+                                          self._side(cols).points[0], potentials[i][0], potentials[j][0])
+        self._refined_at = eps
