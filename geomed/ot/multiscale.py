@@ -411,7 +411,7 @@ class Multiscale:
             if self.level <= target:
                 break
             potentials = self._jump(eps, potentials)
-        if final and self.level == 0:
+        if final and self.level == 0 and self.patterns is not None:
             self._refine_softmins(eps, potentials)
         return potentials
 
