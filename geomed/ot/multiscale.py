@@ -59,6 +59,7 @@ _TRUNCATION = 8.0
 _MAX_COARSEST = 1000
 _BLOCK_ROWS = 64
 _REFINED_ROWS = 16
+_WIDTH_GROWTH = 1.5
 _BLOCK_COLS = 8192
 
 
@@ -215,7 +216,8 @@ def _stack_blocks(blocks, chunk_rows: int = _BLOCK_ROWS, budget: int = 4_000_000
     chunks.sort(key=lambda chunk: len(chunk[2]))
     groups, current = [], []
     for chunk in chunks:
-        if current and (len(current) + 1) * chunk_rows * len(chunk[2]) > budget:
+        too_wide = current and len(chunk[2]) > _WIDTH_GROWTH * len(current[0][2]) + 32
+        if current and (too_wide or (len(current) + 1) * chunk_rows * len(chunk[2]) > budget):
             groups.append(_pad_group(current, chunk_rows))
             current = []
         current.append(chunk)
