@@ -49,6 +49,7 @@ Batches are solved item by item (each item has its own clusters); results are st
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -140,9 +141,9 @@ class BlockSparseSoftmin(TiledSoftmin):
     name = "multiscale"
 
     def __init__(self, p: int, blocks: list[tuple[int, int, torch.Tensor]], kept: float,
-                 chunk_rows: int = _BLOCK_ROWS):
+                 chunk_rows: int = _BLOCK_ROWS, keep_tiles: bool = False):
         super().__init__(p)
-        self.blocks, self.kept, self.chunk_rows = blocks, kept, chunk_rows
+        self.blocks, self.kept, self.chunk_rows, self.keep_tiles = blocks, kept, chunk_rows, keep_tiles
         self._groups = _stack_blocks(blocks, chunk_rows)
         self._cache_key: tuple | None = None
         self._cache: list[_GroupTiles] = []
@@ -167,9 +168,13 @@ class BlockSparseSoftmin(TiledSoftmin):
             out[0, rows[valid]] = tile_average(logits, lse[rows], values[0][cols])[valid]
         return out
 
-    def _tiles(self, x, y) -> list[_GroupTiles]:
-        """The gathered points of every group, kept while the solver works on the same (x, y) tensors: the points
-        do not change between iterations, only h does."""
+    def _tiles(self, x, y) -> Iterable[_GroupTiles]:
+        """The gathered points of every group. With ``keep_tiles`` (the refined final-blur softmins, which serve
+        many iterations on few entries) they are kept while the solver works on the same (x, y) tensors — the
+        points do not change between iterations, only h does; otherwise they are gathered group by group, so that
+        the wide cluster patterns of the ε-scaling steps take no memory beyond one group."""
+        if not self.keep_tiles:
+            return (_GroupTiles(x[0][rows], y[0][cols], self.p) for rows, _, cols, _ in self._groups)
         key = (x.data_ptr(), y.data_ptr(), x._version, y._version, x.shape, y.shape, x.dtype)
         if self._cache_key != key:
             self._cache = [_GroupTiles(x[0][rows], y[0][cols], self.p) for rows, _, cols, _ in self._groups]
@@ -275,7 +280,7 @@ def _refine(softmin: BlockSparseSoftmin, eps: float, x: torch.Tensor, y: torch.T
                     kept_cols = cols[k][keep[k, piece]]
                     chunks.append((start + piece * _REFINED_ROWS, start + piece * _REFINED_ROWS + size, kept_cols))
                     entries += size * len(kept_cols)
-    return BlockSparseSoftmin(softmin.p, chunks, entries / (len(x) * len(y)), _REFINED_ROWS)
+    return BlockSparseSoftmin(softmin.p, chunks, entries / (len(x) * len(y)), _REFINED_ROWS, keep_tiles=True)
 
 
 def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_second: int):
