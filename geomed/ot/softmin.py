@@ -84,15 +84,43 @@ def tile_logits(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, eps: float, p
 
     Also for a stack of tiles x (k, n, D), y (k, m, D), h (k, m) → (k, n, m), each around its own centre.
     """
-    if p == 2:
-        center = x.mean(-2, keepdim=True)
-        xc, yc = x - center, y - center
-        columns = (h - (yc * yc).sum(-1) / (2 * eps)).unsqueeze(-2)
-        product = torch.baddbmm if x.dim() == 3 else torch.addmm
-        logits = product(columns, xc, yc.transpose(-1, -2), alpha=1 / eps)
-        return logits.sub_(((xc * xc).sum(-1) / (2 * eps)).unsqueeze(-1))
-    distance = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
-    return distance.div_(-eps).add_(h.unsqueeze(-2))
+    return TileGeometry(x, y, p).logits(h, eps)
+
+
+class TileGeometry:
+    """The rows x (n, D) or (k, n, D) and columns y (m, D) or (k, m, D) of a tile, prepared for its logits.
+
+    For p = 2 the points are centred on the tile's rows (float32 keeps its precision) and the rows' half squared
+    norm rides in the matrix product as an extra coordinate,
+
+        ``[x_c/ε, −|x_c|²/2ε] · [y_c, 1]ᵀ + (h_j − |y_c|²/2ε)``,
+
+    so that the logits are one ``addmm``/``baddbmm``. Keep a geometry to reuse it while only h changes.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, p: int):
+        self.p = p
+        if p == 2:
+            center = x.mean(-2, keepdim=True)
+            self.x_centred, y_centred = x - center, y - center
+            ones = torch.ones(*y_centred.shape[:-1], 1, dtype=y_centred.dtype, device=y_centred.device)
+            self.y_augmented_t = torch.cat([y_centred, ones], -1).transpose(-1, -2)
+            self.y_half_squares = (y_centred * y_centred).sum(-1).div_(2)
+            self.eps, self.x_augmented = None, None
+        else:
+            self.x, self.y = x, y
+
+    def logits(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """h_j − C(x_i, y_j)/ε → a fresh (n, m) or (k, n, m) tensor."""
+        if self.p != 2:
+            distance = torch.cdist(self.x, self.y, compute_mode="donot_use_mm_for_euclid_dist")
+            return distance.div_(-eps).add_(h.unsqueeze(-2))
+        if self.eps != eps:
+            half_squares = (self.x_centred * self.x_centred).sum(-1, keepdim=True).div_(-2 * eps)
+            self.eps, self.x_augmented = eps, torch.cat([self.x_centred / eps, half_squares], -1)
+        columns = (h - self.y_half_squares / eps).unsqueeze(-2)
+        product = torch.baddbmm if self.x_centred.dim() == 3 else torch.addmm
+        return product(columns, self.x_augmented, self.y_augmented_t)
 
 
 def tile_logsumexp(logits: torch.Tensor) -> torch.Tensor:
