@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geomed import Measure, SinkhornLoss, datasets, mask_to_mesh, sinkhorn_divergence
-from geomed.ot.multiscale import Multiscale
+from geomed.ot.multiscale import Multiscale, _expand_ranges
 from geomed.ot.softmin import keops_available
 
 CONVERGED = dict(tol=1e-7, max_iter=20_000)
@@ -243,6 +243,17 @@ def test_cluster_hierarchy_is_nested_and_bounded():
     for cluster in range(0, len(starts), max(1, len(starts) // 50)):
         block = fine[starts[cluster] : starts[cluster] + counts[cluster]]
         assert float((block - levels.points[top][cluster]).norm(dim=-1).max()) <= float(levels.radius[top][cluster]) + 1e-4
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), max_size=12))
+def test_expanded_ranges_are_compact_int32_aranges(ranges):
+    """The block-sparse column indices: concatenated aranges, int32 (half the multiscale memory of int64)."""
+    starts = torch.tensor([start for start, _ in ranges], dtype=torch.long)
+    counts = torch.tensor([count for _, count in ranges], dtype=torch.long)
+    expanded = _expand_ranges(starts, counts)
+    assert expanded.dtype == torch.int32
+    assert expanded.tolist() == [index for start, count in ranges for index in range(start, start + count)]
 
 
 def _first_points(levels, level):

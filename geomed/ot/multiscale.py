@@ -87,10 +87,22 @@ def _morton_codes(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, floa
 
 
 def _expand_ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenation of arange(s, s + c) for each (s, c)."""
+    """Concatenation of arange(s, s + c) for each (s, c), as :func:`_index_dtype` integers."""
     total = int(counts.sum())
-    offsets = torch.cumsum(counts, 0) - counts
-    return (torch.arange(total, device=starts.device) - torch.repeat_interleave(offsets - starts, counts, output_size=total))
+    dtype = _index_dtype(max(total, int((starts + counts).max())) if len(starts) else total)
+    nonempty = counts > 0
+    starts, counts = starts[nonempty], counts[nonempty]
+    steps = torch.ones(total, dtype=dtype, device=starts.device)
+    if total:
+        previous_last = torch.cat([starts.new_zeros(1), (starts + counts - 1)[:-1]])
+        steps[torch.cumsum(counts, 0) - counts] = (starts - previous_last).to(dtype)
+    return steps.cumsum_(0)
+
+
+def _index_dtype(bound: int) -> torch.dtype:
+    """int32 for indices below ``bound`` < 2³¹ (the column indices of block-sparse tiles are most of the multiscale
+    memory: half of it in int64), else int64."""
+    return torch.int32 if bound < 2**31 else torch.long
 
 
 @dataclass
@@ -145,15 +157,15 @@ class BlockSparseSoftmin(TiledSoftmin):
     def __init__(self, p: int, blocks: list[tuple[int, int, torch.Tensor]], kept: float,
                  chunk_rows: int = _BLOCK_ROWS, keep_tiles: bool = False):
         super().__init__(p)
-        self.blocks, self.kept, self.chunk_rows, self.keep_tiles = blocks, kept, chunk_rows, keep_tiles
+        self.kept, self.chunk_rows, self.keep_tiles = kept, chunk_rows, keep_tiles
         self._groups = _stack_blocks(blocks, chunk_rows)
         self._cache_key: tuple | None = None
         self._cache: list[TileGeometry] = []
 
     def tiles(self, b, n, m):
-        for start, stop, cols in self.blocks:
-            for row in range(start, stop, self.chunk_rows):
-                yield slice(row, min(row + self.chunk_rows, stop)), cols
+        for rows, valid, cols, padding in self._groups:
+            for k, (start, count) in enumerate(zip(rows[:, 0].tolist(), valid.sum(-1).tolist())):
+                yield slice(start, start + count), cols[k][~padding[k]]
 
     def __call__(self, eps, x, y, h):
         out = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
@@ -217,7 +229,7 @@ def _pad_group(chunks, chunk_rows: int):
     sizes = torch.tensor([stop - start for start, stop, _ in chunks], device=device)
     valid = offsets < sizes.unsqueeze(-1)
     rows = torch.where(valid, starts.unsqueeze(-1) + offsets, starts.unsqueeze(-1))
-    cols = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
+    cols = torch.zeros(len(chunks), width, dtype=chunks[0][2].dtype, device=device)
     padding = torch.ones(len(chunks), width, dtype=torch.bool, device=device)
     for k, (_, _, chunk_cols) in enumerate(chunks):
         cols[k, : len(chunk_cols)] = chunk_cols
@@ -261,7 +273,7 @@ def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_sec
         table[first, second] = True
         pairs = table.nonzero()
         return pairs[:, 0], pairs[:, 1]
-    keys = torch.unique(first * n_second + second)
+    keys = torch.unique(first.long() * n_second + second.long())
     return keys // n_second, keys % n_second
 
 
@@ -281,7 +293,7 @@ def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, ro
         indices = _expand_ranges(col_start, col_count)
     else:
         col_count = torch.ones_like(column)
-        indices = column
+        indices = column.to(_index_dtype(n_cols))
     n_blocks = int(block_of_group[-1]) + 1
     per_block = torch.zeros(n_blocks, dtype=torch.long, device=device).index_add_(0, block, col_count)
     row_start = torch.full((n_blocks,), 2**62, dtype=torch.long, device=device).scatter_reduce_(
@@ -475,12 +487,13 @@ class Multiscale:
                 best_values.append(column_best.flatten())
                 best_rows.append(row_index.gather(1, best_row).flatten())
                 best_cols.append(col_index.flatten())
-            values, candidates = torch.cat(best_values), torch.cat(best_cols)
+            values, candidates = torch.cat(best_values), torch.cat(best_cols).long()
             best = torch.full((len(col_levels.points[q]),), math.inf, dtype=values.dtype, device=values.device)
             best.scatter_reduce_(0, candidates, values, "amin")
             chosen = (values <= best[candidates]) & torch.isfinite(values)
-            self.patterns[name] = _Pattern(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]),
-                                           torch.cat([*found_cols, candidates[chosen]]))
+            dtype = _index_dtype(max(len(row_levels.points[q]), len(col_levels.points[q])))
+            self.patterns[name] = _Pattern(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]).to(dtype),
+                                           torch.cat([*found_cols, candidates[chosen]]).to(dtype))
         self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
         self._truncated_at = eps
 
