@@ -50,6 +50,7 @@ Batches are solved item by item (each item has its own clusters); results are st
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,12 +59,16 @@ import torch
 
 from .softmin import OnlineSoftmin, TiledSoftmin, TileGeometry, tile_average, tile_logits, tile_logsumexp
 
+logger = logging.getLogger(__name__)
+
 _TRUNCATION = 8.0
 _MAX_COARSEST = 1000
 _BLOCK_ROWS = 64
 _REFINED_ROWS = 16
 _WIDTH_GROWTH = 1.5
 _BLOCK_COLS = 8192
+_TABLE_ENTRIES = 200_000_000
+_KEPT_TILE_BYTES = 256 * 2**20
 
 
 def morton_order(points: torch.Tensor, cell: float) -> torch.Tensor:
@@ -157,8 +162,9 @@ class BlockSparseSoftmin(TiledSoftmin):
     def __init__(self, p: int, blocks: list[tuple[int, int, torch.Tensor]], kept: float,
                  chunk_rows: int = _BLOCK_ROWS, keep_tiles: bool = False):
         super().__init__(p)
-        self.kept, self.chunk_rows, self.keep_tiles = kept, chunk_rows, keep_tiles
+        self.kept, self.chunk_rows = kept, chunk_rows
         self._groups = _stack_blocks(blocks, chunk_rows)
+        self.keep_tiles = keep_tiles and sum(cols.numel() for _, _, cols, _ in self._groups) <= _KEPT_TILE_BYTES / 24
         self._cache_key: tuple | None = None
         self._cache: list[TileGeometry] = []
 
@@ -185,8 +191,9 @@ class BlockSparseSoftmin(TiledSoftmin):
     def _tiles(self, x, y) -> Iterable[TileGeometry]:
         """The gathered points of every group. With ``keep_tiles`` (the refined final-blur softmins, which serve
         many iterations on few entries) they are kept while the solver works on the same (x, y) tensors — the
-        points do not change between iterations, only h does; otherwise they are gathered group by group, so that
-        the wide cluster patterns of the ε-scaling steps take no memory beyond one group."""
+        points do not change between iterations, only h does — if they fit in ``_KEPT_TILE_BYTES`` (about 24 bytes
+        per stacked column in float32 and D = 3); otherwise they are gathered group by group, so that wide
+        patterns take no memory beyond one group."""
         if not self.keep_tiles:
             return (TileGeometry(x[0][rows], y[0][cols], self.p) for rows, _, cols, _ in self._groups)
         key = (x.data_ptr(), y.data_ptr(), x._version, y._version, x.shape, y.shape, x.dtype)
@@ -267,14 +274,23 @@ def _refine(softmin: BlockSparseSoftmin, eps: float, x: torch.Tensor, y: torch.T
 
 
 def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_second: int):
-    """Distinct pairs (first, second), sorted: by a boolean table when it is small, else by sorting keys."""
-    if n_first * n_second <= 200_000_000:
-        table = torch.zeros(n_first, n_second, dtype=torch.bool, device=first.device)
-        table[first, second] = True
+    """Distinct pairs (first, second), sorted, as int32 where they fit: marked in a boolean table of at most
+    ``_TABLE_ENTRIES`` entries per band of ``first`` values (the pairs of the finest cluster level of a million
+    points would take gigabytes to sort)."""
+    band = max(1, _TABLE_ENTRIES // max(n_second, 1))
+    dtype = _index_dtype(max(n_first, n_second))
+    found_first, found_second = [], []
+    for low in range(0, n_first, band):
+        rows, cols = first, second
+        if band < n_first:
+            inside = (first >= low) & (first < low + band)
+            rows, cols = first[inside] - low, second[inside]
+        table = torch.zeros(min(band, n_first - low), n_second, dtype=torch.bool, device=first.device)
+        table[rows, cols] = True
         pairs = table.nonzero()
-        return pairs[:, 0], pairs[:, 1]
-    keys = torch.unique(first.long() * n_second + second.long())
-    return keys // n_second, keys % n_second
+        found_first.append(pairs[:, 0].add_(low).to(dtype))
+        found_second.append(pairs[:, 1].to(dtype))
+    return torch.cat(found_first), torch.cat(found_second)
 
 
 def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, row_children: bool, col_children: bool):
@@ -292,7 +308,7 @@ def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, ro
         col_start, col_count = cols.child_start[level][column], cols.child_count[level][column]
         indices = _expand_ranges(col_start, col_count)
     else:
-        col_count = torch.ones_like(column)
+        col_count = torch.ones_like(column, dtype=torch.long)
         indices = column.to(_index_dtype(n_cols))
     n_blocks = int(block_of_group[-1]) + 1
     per_block = torch.zeros(n_blocks, dtype=torch.long, device=device).index_add_(0, block, col_count)
@@ -467,6 +483,8 @@ class Multiscale:
             row_levels, col_levels = self._side(rows), self._side(cols)
             f_rows, grad_rows = extended[name]
             f_cols, grad_cols = extended["yx" if name == "xy" else name]
+            dtype = _index_dtype(max(len(row_levels.points[q]), len(col_levels.points[q])))
+            best = torch.full((len(col_levels.points[q]),), math.inf, dtype=f_rows.dtype, device=f_rows.device)
             found_rows, found_cols, best_rows, best_cols, best_values = [], [], [], [], []
             for row_index, valid, col_index, padding in groups[name]:
                 cx, cy = row_levels.points[q][row_index], col_levels.points[q][col_index]
@@ -481,21 +499,24 @@ class Multiscale:
                 bound.masked_fill_(padding.unsqueeze(-2) | ~valid.unsqueeze(-1), math.inf)
                 keep = ((bound <= _TRUNCATION * eps) | (bound <= bound.amin(-1, keepdim=True))) & torch.isfinite(bound)
                 tile, row, col = keep.nonzero(as_tuple=True)
-                found_rows.append(row_index[tile, row])
-                found_cols.append(col_index[tile, col])
+                found_rows.append(row_index[tile, row].to(dtype))
+                found_cols.append(col_index[tile, col].to(dtype))
                 column_best, best_row = bound.min(-2)
-                best_values.append(column_best.flatten())
-                best_rows.append(row_index.gather(1, best_row).flatten())
-                best_cols.append(col_index.flatten())
-            values, candidates = torch.cat(best_values), torch.cat(best_cols).long()
-            best = torch.full((len(col_levels.points[q]),), math.inf, dtype=values.dtype, device=values.device)
-            best.scatter_reduce_(0, candidates, values, "amin")
-            chosen = (values <= best[candidates]) & torch.isfinite(values)
-            dtype = _index_dtype(max(len(row_levels.points[q]), len(col_levels.points[q])))
-            self.patterns[name] = _Pattern(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]).to(dtype),
-                                           torch.cat([*found_cols, candidates[chosen]]).to(dtype))
+                column_best, columns = column_best.flatten(), col_index.flatten().long()
+                best.scatter_reduce_(0, columns, column_best, "amin")
+                leading = column_best <= best[columns]
+                best_values.append(column_best[leading])
+                best_rows.append(row_index.gather(1, best_row).flatten()[leading].to(dtype))
+                best_cols.append(columns[leading].to(dtype))
+            values, candidates = torch.cat(best_values), torch.cat(best_cols)
+            chosen = (values <= best[candidates.long()]) & torch.isfinite(values)
+            self.patterns[name] = _Pattern(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]),
+                                           torch.cat([*found_cols, candidates[chosen]]))
         self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
         self._truncated_at = eps
+        logger.debug("truncation at ε = %.4g mm^p, level %d (%d × %d clusters): %s cluster pairs", eps, q,
+                     len(self.x_levels.points[q]), len(self.y_levels.points[q]),
+                     ", ".join(f"{name} {len(pattern.rows)}" for name, pattern in self.patterns.items()))
 
     def _gradient_u(self, eps, side, points, average):
         """∇u = λ T + (1 − λ) x at the given points, from the soft average T of the other measure."""
@@ -545,3 +566,4 @@ class Multiscale:
             self.softmins[name] = _refine(self.softmins[name], eps, self._side(rows).points[0],
                                           self._side(cols).points[0], potentials[i][0], potentials[j][0])
         self._refined_at = eps
+        self.patterns = None  # the final blur is reached: no re-truncation from cluster pairs any more

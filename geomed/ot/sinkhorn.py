@@ -436,6 +436,7 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
     def advance(eps, final):
         nonlocal f, g, f_aa, g_bb
         level = geometry.level
+        state.clear()  # the working softmins may be replaced: let the old ones go while the new ones are built
         f, g, f_aa, g_bb = geometry.advance(eps, [f, g, f_aa, g_bb], final)
         refresh()
         return geometry.level != level
