@@ -48,6 +48,44 @@ def _check_finite(tensor: torch.Tensor, name: str) -> None:
 
 
 @dataclass(frozen=True, eq=False)
+class VoxelGrid:
+    """The regular voxel grid a mask measure lives on, and the voxel of each of its points.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape of the grid, (I, J, K).
+    affine : array (4, 4)
+        Voxel index → world mm (origin, direction and spacing), as in :class:`~geomed.Image`.
+    index : Tensor (N,) of int64
+        Flat (C-order) voxel index of every point.
+    """
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    index: torch.Tensor
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size along each axis (mm)."""
+        return np.linalg.norm(self.affine[:-1, :-1], axis=0)
+
+    def same_geometry(self, other: VoxelGrid) -> bool:
+        """Whether both grids are the same voxels in world space (shape, and affine to 1e-6 mm)."""
+        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, rtol=0, atol=1e-6))
+
+    def is_orthogonal(self) -> bool:
+        """Whether the voxel axes are orthogonal (direction a rotation, as in every ITK image), which lets the
+        Gaussian kernel factorise over them; a sheared NIfTI affine does not."""
+        block = self.affine[:-1, :-1]
+        gram = block.T @ block
+        return bool(np.allclose(gram, np.diag(np.diag(gram)), rtol=0, atol=1e-6 * float(gram.diagonal().max())))
+
+    def to(self, device: torch.device | str | None) -> VoxelGrid:
+        return VoxelGrid(self.shape, self.affine, self.index.to(device=device))
+
+
+@dataclass(frozen=True, eq=False)
 class Measure:
     """A discrete measure ``Σ_i w_i δ(x_i)`` in world RAS millimetres.
 
@@ -61,6 +99,9 @@ class Measure:
         Unit normals (outward for closed surfaces).
     labels : Tensor (..., N) of int64, optional
         Integer label of each point (e.g. the structure it belongs to).
+    grid : VoxelGrid, optional
+        For a measure built from a mask (one, unbatched): the voxel grid its points sit on and each point's voxel.
+        Two measures on one grid are solved by the separable grid Sinkhorn (:mod:`geomed.ot.grid`).
 
     Notes
     -----
@@ -73,6 +114,7 @@ class Measure:
     weights: torch.Tensor
     normals: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    grid: VoxelGrid | None = None
 
     def __post_init__(self) -> None:
         points, weights, normals, labels = self.points, self.weights, self.normals, self.labels
@@ -111,6 +153,13 @@ class Measure:
                 raise ValueError(f"labels must have the shape of weights {tuple(weights.shape)}, got {shape}")
             if labels.dtype != torch.int64 or labels.device != points.device:
                 raise TypeError("labels must be an int64 tensor on the device of points")
+        if self.grid is not None:
+            if not isinstance(self.grid, VoxelGrid):
+                raise TypeError(f"grid must be a geomed.VoxelGrid, got {type(self.grid).__name__}")
+            if points.ndim != 2 or self.grid.index.shape != (points.shape[0],) or len(self.grid.shape) != points.shape[1]:
+                raise ValueError(f"grid must index every point of one measure (N={points.shape[-2]}) on a "
+                                 f"{points.shape[-1]}-D grid, got {len(self.grid.index)} indices on a "
+                                 f"{len(self.grid.shape)}-D grid")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -259,7 +308,8 @@ class Measure:
             raise ValueError("mask is empty: no voxel has positive occupancy")
         dtype = dtype or (values.dtype if floating and isinstance(values, torch.Tensor) else torch.get_default_dtype())
         weights = occupancy.to(dtype=dtype, device=device) * float(abs(np.linalg.det(matrix[:3, :3])))
-        return cls(_index_to_world(index, matrix, dtype, weights.device), weights)
+        grid = _voxel_grid(tuple(values.shape), matrix, index, weights.device)
+        return cls(_index_to_world(index, matrix, dtype, weights.device), weights, grid=grid)
 
     @classmethod
     def from_labels(
@@ -313,7 +363,9 @@ class Measure:
             points = _index_to_world(index, image.affine, dtype, device)
             weights = torch.full((len(index),), voxel_volume, dtype=dtype, device=points.device)
             label_ids = torch.full((len(index),), label, dtype=torch.int64, device=points.device)
-            measures[int(key) if isinstance(key, (int, np.integer)) else key] = cls(points, weights, None, label_ids)
+            grid = _voxel_grid(image.shape, image.affine, index, points.device)
+            measures[int(key) if isinstance(key, (int, np.integer)) else key] = cls(points, weights, None, label_ids,
+                                                                                    grid)
         return measures
 
     # ------------------------------------------------------------------ properties and moves
@@ -347,7 +399,7 @@ class Measure:
 
     def normalized(self) -> Measure:
         """The same points with weights divided by the total mass (a probability measure)."""
-        return Measure(self.points, self.weights / self.total_mass.unsqueeze(-1), self.normals, self.labels)
+        return Measure(self.points, self.weights / self.total_mass.unsqueeze(-1), self.normals, self.labels, self.grid)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Measure:
         """Move to a device and/or floating dtype; labels stay int64."""
@@ -358,7 +410,8 @@ class Measure:
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
         labels = None if self.labels is None else self.labels.to(device=device)
-        return Measure(move(self.points), move(self.weights), move(self.normals), labels)
+        grid = None if self.grid is None else self.grid.to(device)
+        return Measure(move(self.points), move(self.weights), move(self.normals), labels, grid)
 
     def __repr__(self) -> str:
         extras = "".join(
@@ -393,6 +446,11 @@ def _check_occupancy(low: float, high: float, floating: bool) -> None:
         raise ValueError(
             f"mask must hold {expected}, got values in [{low:g}, {high:g}]; for a label map use Measure.from_labels"
         )
+
+
+def _voxel_grid(shape: tuple[int, ...], affine: np.ndarray, index: np.ndarray, device) -> VoxelGrid:
+    flat = np.ravel_multi_index(tuple(np.asarray(index).T), shape) if len(index) else np.zeros(0, dtype=np.int64)
+    return VoxelGrid(shape, affine, torch.as_tensor(flat, dtype=torch.int64, device=device))
 
 
 def _index_to_world(index: np.ndarray, affine: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:

@@ -100,6 +100,21 @@ def test_from_labels_agrees_with_from_mask(knee_a):
     torch.testing.assert_close(by_label.weights, by_mask.weights)
 
 
+def test_mask_measures_remember_their_voxel_grid(knee_a):
+    """``grid.index`` is each point's voxel: the image's own index → world map gives the points back; the grid
+    survives ``normalized`` and ``to``, and a grid that does not index every point is refused."""
+    by_label = Measure.from_labels(knee_a, [4], dtype=torch.float64)[4]
+    by_mask = Measure.from_mask(knee_a.with_array(knee_a.array == 4), dtype=torch.float64)
+    for measure in (by_label, by_mask, by_mask.normalized(), by_mask.to(dtype=torch.float32)):
+        grid = measure.grid
+        assert grid.shape == knee_a.shape and grid.same_geometry(by_label.grid) and grid.is_orthogonal()
+        index = np.stack(np.unravel_index(grid.index.numpy(), grid.shape), -1)
+        np.testing.assert_allclose(knee_a.index_to_world(index), measure.points.double().numpy(), atol=1e-4)
+    np.testing.assert_allclose(by_mask.grid.spacing, knee_a.spacing)
+    with pytest.raises(ValueError, match="grid must index every point"):
+        Measure(by_mask.points[:-1], by_mask.weights[:-1], grid=by_mask.grid)
+
+
 # ---------------------------------------------------------------------------------------------- from_mesh
 @pytest.mark.parametrize("lumped", [False, True])
 def test_from_mesh_mass_is_area_and_normals_are_unit(septum, lumped):

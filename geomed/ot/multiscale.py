@@ -205,12 +205,15 @@ class BlockSparseSoftmin(TiledSoftmin):
 
 def _stack_blocks(blocks, chunk_rows: int = _BLOCK_ROWS, budget: int = 4_000_000):
     """Groups (rows (k, R), valid rows (k, R), columns (k, C), padded columns (k, C)) of row chunks of similar width,
-    R = ``chunk_rows``."""
+    R = ``chunk_rows``. Consumes ``blocks`` (emptied), so that column indices held only by it are freed as their
+    group is built: a million points have gigabytes of them."""
     chunks = [(row, min(row + chunk_rows, stop), cols) for start, stop, cols in blocks
               for row in range(start, stop, chunk_rows)]
-    chunks.sort(key=lambda chunk: len(chunk[2]))
+    blocks.clear()
+    chunks.sort(key=lambda chunk: len(chunk[2]), reverse=True)
     groups, current = [], []
-    for chunk in chunks:
+    while chunks:
+        chunk = chunks.pop()
         too_wide = current and len(chunk[2]) > _WIDTH_GROWTH * len(current[0][2]) + 32
         if current and (too_wide or (len(current) + 1) * chunk_rows * len(chunk[2]) > budget):
             groups.append(_pad_group(current, chunk_rows))
@@ -303,14 +306,14 @@ def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, ro
         group_start = torch.arange(n_rows, device=device)
         group_count = torch.ones(n_rows, dtype=torch.long, device=device)
     block_of_group = group_start // _BLOCK_ROWS
-    block, column = _unique_pairs(block_of_group[pairs_rows], pairs_cols, int(block_of_group[-1]) + 1, n_cols)
+    n_blocks = int(block_of_group[-1]) + 1
+    block, column = _unique_pairs(block_of_group.to(_index_dtype(n_blocks))[pairs_rows], pairs_cols, n_blocks, n_cols)
     if col_children:
         col_start, col_count = cols.child_start[level][column], cols.child_count[level][column]
         indices = _expand_ranges(col_start, col_count)
     else:
         col_count = torch.ones_like(column, dtype=torch.long)
         indices = column.to(_index_dtype(n_cols))
-    n_blocks = int(block_of_group[-1]) + 1
     per_block = torch.zeros(n_blocks, dtype=torch.long, device=device).index_add_(0, block, col_count)
     row_start = torch.full((n_blocks,), 2**62, dtype=torch.long, device=device).scatter_reduce_(
         0, block_of_group, group_start, "amin")
@@ -562,8 +565,8 @@ class Multiscale:
         costs about one softmin on the cluster pattern and pays back over the final iterations)."""
         if self._refined_at == eps:
             return
+        self.patterns = None  # the final blur is reached: no re-truncation from cluster pairs any more
         for name, rows, cols, i, j in self._names():
             self.softmins[name] = _refine(self.softmins[name], eps, self._side(rows).points[0],
                                           self._side(cols).points[0], potentials[i][0], potentials[j][0])
         self._refined_at = eps
-        self.patterns = None  # the final blur is reached: no re-truncation from cluster pairs any more

@@ -41,32 +41,41 @@ class _PlanItem:
     g: torch.Tensor
     order_x: torch.Tensor | None
     order_y: torch.Tensor | None
+    support_x: torch.Tensor | None = None
+    support_y: torch.Tensor | None = None
 
     def apply(self, eps: float, values: torch.Tensor, transpose: bool) -> torch.Tensor:
         """π values (B, M, K) → (B, N, K) (or πᵀ), values and result in input order."""
         x, y, f, g, log_a, log_b, softmin = self.x, self.y, self.f, self.g, self.log_a, self.log_b, self.softmin_xy
-        order_x, order_y = self.order_x, self.order_y
+        order_x, order_y, support_x, support_y = self.order_x, self.order_y, self.support_x, self.support_y
         if transpose:
             x, y, f, g, log_a, log_b, softmin = y, x, g, f, log_b, log_a, self.softmin_yx
-            order_x, order_y = order_y, order_x
+            order_x, order_y, support_x, support_y = order_y, order_x, support_y, support_x
         if order_y is not None:
             values = torch.gather(values, 1, order_y.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+        if support_y is not None:
+            values = values.new_zeros(values.shape[0], y.shape[1], values.shape[-1]).index_copy_(1, support_y, values)
         h = log_b + g / eps
         reduced = softmin(eps, x, y, h)
         result = torch.exp(log_a + (f - reduced) / eps).unsqueeze(-1) * softmin.average(eps, x, y, h, reduced, values)
-        if order_x is not None:
-            index = order_x.unsqueeze(-1).expand_as(result)
-            result = torch.empty_like(result).scatter_(1, index, result)
-        return result
+        return self._to_input(result, order_x, support_x)
 
     def barycentric_map(self, eps: float) -> torch.Tensor:
         """T(x_i) (B, N, D) in input order, in the solver's (centred) frame."""
         h = self.log_b + self.g / eps
         reduced = self.softmin_xy(eps, self.x, self.y, h)
         mapped = self.softmin_xy.average(eps, self.x, self.y, h, reduced, self.y)
-        if self.order_x is not None:
-            mapped = torch.empty_like(mapped).scatter_(1, self.order_x.unsqueeze(-1).expand_as(mapped), mapped)
-        return mapped
+        return self._to_input(mapped, self.order_x, self.support_x)
+
+    @staticmethod
+    def _to_input(values: torch.Tensor, order: torch.Tensor | None, support: torch.Tensor | None) -> torch.Tensor:
+        """(B, n, K) in the solver's points → input order: un-permute (``order``), or pick the input points out of
+        the voxel grid the solver worked on (``support``)."""
+        if order is not None:
+            values = torch.empty_like(values).scatter_(1, order.unsqueeze(-1).expand_as(values), values)
+        if support is not None:
+            values = values.index_select(1, support)
+        return values
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from ..measure import Measure
+from .grid import GridSoftmin, SharedGrid, grid_pays_off, shared_grid
 from .multiscale import Multiscale, morton_order
 from .result import OTResult, ScheduleStep, _PlanItem, _Problem
 from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin, keops_available
@@ -103,7 +104,7 @@ def _damping(eps: float, rho: float | None) -> float:
     return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
 
 
-BACKENDS = ("auto", "dense", "online", "keops", "triton", "multiscale")
+BACKENDS = ("auto", "dense", "online", "keops", "triton", "multiscale", "grid")
 
 
 def _check_arguments(blur, p, scaling, backend, tol, max_iter, diameter) -> None:
@@ -242,10 +243,11 @@ def sinkhorn_divergence(
         Ratio between successive blurs of the ε-scaling (closer to 1: more steps, each better warm-started).
     debias : bool
         Return the Sinkhorn divergence S (default), or the raw entropic OT_ε (biased: OT_ε(α, α) > 0).
-    backend : {"auto", "dense", "online", "keops", "triton", "multiscale"}
-        Softmin implementation (see :mod:`geomed.ot.softmin`, :mod:`geomed.ot.triton_softmin` and
-        :mod:`geomed.ot.multiscale`); "auto" takes "dense" up to 4·10⁶ cost entries, then "triton" on GPUs
-        ("keops", then "online", without Triton) and "multiscale" on CPUs.
+    backend : {"auto", "dense", "online", "keops", "triton", "multiscale", "grid"}
+        Softmin implementation (see :mod:`geomed.ot.softmin`, :mod:`geomed.ot.triton_softmin`,
+        :mod:`geomed.ot.multiscale` and :mod:`geomed.ot.grid`); "auto" takes "grid" for two masks on one voxel
+        grid when its separable softmin is cheaper than the dense one, else "dense" up to 4·10⁶ cost entries, then
+        "triton" on GPUs ("keops", then "online", without Triton) and "multiscale" on CPUs.
     tol : float or None
         Stop at the final blur once the relative L1 marginal error is below ``tol``; None runs ``max_iter``
         iterations. The value is a maximum over the potentials, so its error is second order in theirs: the
@@ -296,8 +298,12 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
     if a.dim > 6 and backend == "multiscale":
         raise ValueError(f"backend='multiscale' supports dimensions D ≤ 6, got D={a.dim}")
     rho_a, rho_b = _reaches(reach, p)
-    x, alpha = _batched(a, "a")
-    y, beta = _batched(b, "b")
+    grid = _shared_grid(a, b, backend, p)
+    if grid is not None:
+        x, alpha, y, beta = grid.embed(a, b)
+    else:
+        x, alpha = _batched(a, "a")
+        y, beta = _batched(b, "b")
     dtype = torch.promote_types(x.dtype, y.dtype)
     x, alpha, y, beta = x.to(dtype), alpha.to(dtype), y.to(dtype), beta.to(dtype)
     if rho_a is None and rho_b is None:
@@ -309,11 +315,14 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
         if diameter is None:
             both = torch.cat([x, y], dim=1).detach()
             diameter = max(float((both.amax(1) - both.amin(1)).norm(dim=-1).max()), blur)
-        name = _choose_backend(backend, x.shape[1], y.shape[1], a.dim, x.device)
+        name = "grid" if grid is not None else _choose_backend(backend, x.shape[1], y.shape[1], a.dim, x.device)
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
         options = dict(blur=blur, p=p, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
                        max_iter=max_iter, epsilons=_epsilon_schedule(diameter, blur, p, scaling))
-        if name == "multiscale":
+        if name == "grid":
+            geometry = _SingleScale(x, y, alpha.log(), beta.log(), GridSoftmin(grid.shape, grid.spacing), None)
+            items = [grid.restrict(_solve_item(geometry, x, y, alpha, beta, **options))]
+        elif name == "multiscale":
             items = [_solve_item(_multiscale(x[i], y[i], alpha[i], beta[i], blur, p, rho_a, rho_b, debias),
                                  x[i : i + 1], y[i : i + 1], alpha[i : i + 1], beta[i : i + 1], **options)
                      for i in range(len(x))]
@@ -326,6 +335,18 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
             geometry = _SingleScale(x, y, alpha.log(), beta.log(), softmin, order)
             items = [_solve_item(geometry, x, y, alpha, beta, **options)]
     return _result(items, center, bool(a.batch_shape), blur**p, name)
+
+
+def _shared_grid(a: Measure, b: Measure, backend: str, p: int) -> SharedGrid | None:
+    """The common voxel grid of two mask measures, when the grid path applies (``auto``) or is asked for."""
+    if backend not in ("auto", "grid"):
+        return None
+    grid, reason = shared_grid(a, b, p)
+    if backend == "grid" and grid is None:
+        raise ValueError(f"backend='grid' was asked for, but {reason}")
+    if backend == "auto" and grid is not None and not grid_pays_off(grid, a.n_points, b.n_points):
+        return None
+    return grid
 
 
 def _single_scale_softmin(name: str, p: int, device: torch.device) -> Softmin:
