@@ -20,7 +20,12 @@ __all__ = ["Image", "Measure", "Mesh", "OTResult", "SinkhornLoss", "sinkhorn_div
 __version__ = "0.1.0"
 
 
+_SUBMODULES = ("datasets", "morphometry")
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

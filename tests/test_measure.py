@@ -359,5 +359,6 @@ def test_import_geomed_loads_the_file_readers_on_first_use():
              "print(sorted(before), sorted(after))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[] ['SimpleITK', 'vtkmodules']"
+    assert geomed.datasets.knee_labels is datasets.knee_labels and geomed.morphometry.volume is volume
     with pytest.raises(AttributeError, match="has no attribute 'read_volume'"):
         geomed.read_volume  # noqa: B018
