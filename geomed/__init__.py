@@ -12,11 +12,12 @@ from importlib import import_module
 from .image import Image
 from .measure import Measure, VoxelGrid
 from .mesh import Mesh
-from .ot import OTResult, SinkhornLoss, sinkhorn_divergence
+from .ot import OTResult, SinkhornLoss, grid_sinkhorn_divergence, sinkhorn_divergence
 
 _LAZY = {"read_image": "io", "read_mesh": "io", "write_image": "io", "write_mesh": "io", "mask_to_mesh": "surface"}
 
-__all__ = ["Image", "Measure", "Mesh", "OTResult", "SinkhornLoss", "sinkhorn_divergence", "VoxelGrid", *_LAZY]
+__all__ = ["Image", "Measure", "Mesh", "OTResult", "SinkhornLoss", "grid_sinkhorn_divergence", "sinkhorn_divergence", "VoxelGrid",
+           *_LAZY]
 __version__ = "0.1.0"
 
 

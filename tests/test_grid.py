@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geomed import Image, Measure, datasets, sinkhorn_divergence
+from geomed import Image, Measure, datasets, grid_sinkhorn_divergence, sinkhorn_divergence
 from geomed.ot.grid import GridSoftmin
 from geomed.ot.softmin import DenseSoftmin
 
@@ -121,3 +121,45 @@ def test_sheared_affine_is_refused_by_the_grid_path():
     with pytest.raises(ValueError, match="sheared"):
         sinkhorn_divergence(a, b, blur=1.0, backend="grid")
     assert sinkhorn_divergence(a, b, blur=1.0).backend == "dense"
+
+
+@pytest.mark.parametrize("spatial, spacing, reach", [((9, 7), (1.5, 0.8), None), ((6, 5, 4), (1.0, 2.0, 0.7), 8.0)])
+def test_dense_grid_weights_equal_point_clouds_per_item_and_channel(spatial, spacing, reach):
+    """(B, C, *spatial) weights with spacing: each (item, channel) value, potential and weight gradient equals the
+    dense point-cloud solve on the voxel centres; zero voxels carry no mass."""
+    generator = torch.Generator().manual_seed(7)
+    a = torch.rand(2, 2, *spatial, generator=generator, dtype=torch.float64)
+    b = torch.rand(2, 2, *spatial, generator=generator, dtype=torch.float64)
+    a[0, 1, :3] = 0.0
+    b[1, 0, ..., :2] = 0.0
+    a.requires_grad_()
+    result = grid_sinkhorn_divergence(a, b, blur=1.5, spacing=spacing, reach=reach, **CONVERGED)
+    assert result.value.shape == (2, 2) and result.f.shape == (2, 2, a[0, 0].numel()) and result.backend == "grid"
+    (gradient,) = torch.autograd.grad(result.value.sum(), a)
+    centres = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * s for n, s in zip(spatial, spacing)],
+                                         indexing="ij"), -1).reshape(-1, len(spatial))
+    for item in range(2):
+        for channel in range(2):
+            weights_a = a[item, channel].detach().reshape(-1).clone().requires_grad_()
+            expected = sinkhorn_divergence(Measure.from_points(centres, weights_a),
+                                           Measure.from_points(centres, b[item, channel].reshape(-1)), blur=1.5,
+                                           reach=reach, backend="dense", **CONVERGED)
+            torch.testing.assert_close(result.value[item, channel], expected.value, rtol=1e-5, atol=1e-9)
+            (expected_gradient,) = torch.autograd.grad(expected.value, weights_a)
+            torch.testing.assert_close(gradient[item, channel].reshape(-1), expected_gradient, rtol=1e-5, atol=1e-6)
+    ones = torch.ones(2, 2, a[0, 0].numel(), dtype=torch.float64)
+    assert result.plan_times(ones).shape == (2, 2, a[0, 0].numel())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(a=torch.ones(2, 3, 4, 4), b=torch.ones(2, 3, 4, 5)), ValueError, "one grid"),
+    (dict(a=torch.ones(3, 4, 4), b=torch.ones(3, 4, 4)), ValueError, r"\(B, C, H, W\)"),
+    (dict(a=torch.zeros(1, 2, 4, 4), b=torch.ones(1, 2, 4, 4)), ValueError, "no mass in item 0, channel 0"),
+    (dict(a=-torch.ones(1, 1, 4, 4), b=torch.ones(1, 1, 4, 4)), ValueError, "non-negative"),
+    (dict(a=torch.ones(1, 1, 4, 4), b=torch.ones(1, 1, 4, 4), spacing=(1.0,)), ValueError, "spacing must be 2"),
+    (dict(a=torch.ones(1, 1, 4, 4), b=torch.ones(1, 1, 4, 4), p=1), ValueError, "p must be 2"),
+    (dict(a=torch.ones(1, 1, 4, 4, dtype=torch.long), b=torch.ones(1, 1, 4, 4)), TypeError, "floating tensor"),
+])
+def test_dense_grid_bad_inputs(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        grid_sinkhorn_divergence(blur=1.0, **kwargs)

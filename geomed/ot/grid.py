@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..measure import Measure
+from .result import OTResult
 from .softmin import tile_logsumexp
 
 _TILE_ENTRIES = 2_000_000
@@ -189,3 +190,77 @@ def _centres(affine: np.ndarray, lower: list[int], shape: tuple[int, ...], dtype
         column = steps * torch.tensor(affine[:dim, axis], dtype=torch.float64)
         total = total + column.reshape(*[length if k == axis else 1 for k in range(dim)], dim)
     return total.reshape(-1, dim).to(dtype=dtype, device=device)
+
+
+def grid_sinkhorn_divergence(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    blur: float,
+    spacing: Sequence[float] | None = None,
+    p: int = 2,
+    reach: float | None | tuple[float | None, float | None] = None,
+    scaling: float = 0.7,
+    debias: bool = True,
+    tol: float | None = 1e-2,
+    max_iter: int = 500,
+    diameter: float | None = None,
+) -> OTResult:
+    """Sinkhorn divergence between weights on one voxel grid, channel by channel: the MONAI-shaped entry point.
+
+    Parameters
+    ----------
+    a, b : Tensor (B, C, *spatial)
+        Non-negative weights on a 2-D or 3-D grid (e.g. softmax probabilities and one-hot labels), each
+        (item, channel) with positive mass; ``a`` may require grad (exact gradients w.r.t. every voxel's weight).
+    blur : float
+        Entropic blur in mm (ε = blur²).
+    spacing : sequence of float, optional
+        Voxel size along each spatial axis in mm (default 1). The direction of the image does not matter.
+    p, reach, scaling, debias, tol, max_iter, diameter
+        As in :func:`geomed.sinkhorn_divergence` (``p = 2`` only: the kernel must factorise over the axes).
+        Balanced (``reach=None``) compares shapes (each channel normalised); with a ``reach`` the masses count.
+
+    Returns
+    -------
+    OTResult
+        ``value`` (B, C); potentials (B, C, N) over the N voxels in C order (``.view(B, C, *spatial)``); the plan
+        operators take values (B, C, N[, K]).
+    """
+    from .sinkhorn import _check_arguments, _solve_tensors
+
+    _check_arguments(blur, p, scaling, "grid", tol, max_iter, diameter)
+    if p != 2:
+        raise ValueError(f"p must be 2 on a grid (|x−y|^p does not factorise over the axes for p={p})")
+    for name, weights in (("a", a), ("b", b)):
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (B, C, *spatial), got {type(weights).__name__}")
+        if weights.dim() not in (4, 5):
+            raise ValueError(f"{name} must have shape (B, C, H, W) or (B, C, H, W, D), got {tuple(weights.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must lie on one grid with the same (B, C), got {tuple(a.shape)} and {tuple(b.shape)}")
+    shape = tuple(a.shape[2:])
+    spacing = (1.0,) * len(shape) if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != len(shape) or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be {len(shape)} positive numbers of mm, got {spacing!r}")
+    batch_shape = tuple(a.shape[:2])
+    flat = []
+    for name, weights in (("a", a), ("b", b)):
+        weights = weights.reshape(-1, math.prod(shape))
+        detached = weights.detach()
+        if not bool(torch.isfinite(detached).all()) or bool((detached < 0).any()):
+            raise ValueError(f"{name} must hold finite, non-negative weights")
+        empty = torch.nonzero(detached.sum(-1) <= 0)
+        if len(empty):
+            item, channel = divmod(int(empty[0]), batch_shape[1])
+            raise ValueError(f"{name} has no mass in item {item}, channel {channel}: an empty mask has no shape to "
+                             "compare (leave such channels out, or use a reach and a small positive floor)")
+        flat.append(weights)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    axes = [torch.arange(n, dtype=dtype, device=a.device) * s for n, s in zip(shape, spacing)]
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, len(shape))
+    points = centres.expand(len(flat[0]), -1, -1)
+    return _solve_tensors(points, flat[0], points, flat[1], grid=GridSoftmin(shape, spacing), batch_shape=batch_shape,
+                          blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend="grid", tol=tol,
+                          max_iter=max_iter, diameter=diameter)

@@ -84,7 +84,7 @@ class _Problem:
 
     items: list[_PlanItem]
     center: torch.Tensor
-    batched: bool
+    batch_shape: tuple[int, ...]
 
     def split(self, values: torch.Tensor) -> list[torch.Tensor]:
         return [values] if len(self.items) == 1 else list(values.split(1))
@@ -136,20 +136,20 @@ class OTResult:
     def _apply(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
         problem = self._problem
         source = self.f if transpose else self.g
-        vector = values.dim() == (2 if problem.batched else 1)
-        batch = values if problem.batched else values.unsqueeze(0)
-        batch = batch.unsqueeze(-1) if vector else batch
-        expected = source.shape if problem.batched else (1, *source.shape)
-        if batch.shape[:2] != expected:
+        leading = len(problem.batch_shape)
+        vector = values.dim() == leading + 1
+        if tuple(values.shape[: leading + 1]) != tuple(source.shape):
             raise ValueError(
-                f"values must hold one row per point of the measure it lives on ({expected[-1]}), "
+                f"values must hold one row per point of the measure it lives on ({source.shape[-1]}), "
                 f"got shape {tuple(values.shape)}"
             )
+        batch = values.reshape(-1, *values.shape[leading:])
+        batch = batch.unsqueeze(-1) if vector else batch
         with torch.no_grad():
             result = torch.cat([item.apply(self.eps, part.to(source), transpose)
                                 for item, part in zip(problem.items, problem.split(batch), strict=True)])
         result = result.squeeze(-1) if vector else result
-        return result if problem.batched else result.squeeze(0)
+        return result.reshape((*problem.batch_shape, *result.shape[1:]))
 
     def plan_times(self, values: torch.Tensor) -> torch.Tensor:
         """``(π v)_i = Σ_j π_ij v_j`` for values (..., M[, K]) on ``b``'s points → (..., N[, K]).
@@ -168,4 +168,4 @@ class OTResult:
         problem = self._problem
         with torch.no_grad():
             mapped = torch.cat([item.barycentric_map(self.eps) for item in problem.items]) + problem.center
-        return mapped if problem.batched else mapped.squeeze(0)
+        return mapped.reshape((*problem.batch_shape, *mapped.shape[1:]))

@@ -297,13 +297,22 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
         raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
     if a.dim > 6 and backend == "multiscale":
         raise ValueError(f"backend='multiscale' supports dimensions D ≤ 6, got D={a.dim}")
-    rho_a, rho_b = _reaches(reach, p)
     grid = _shared_grid(a, b, backend, p)
     if grid is not None:
         x, alpha, y, beta = grid.embed(a, b)
     else:
         x, alpha = _batched(a, "a")
         y, beta = _batched(b, "b")
+    return _solve_tensors(x, alpha, y, beta, grid=grid, batch_shape=tuple(a.batch_shape), blur=blur, p=p,
+                          reach=reach, scaling=scaling, debias=debias, backend=backend, tol=tol, max_iter=max_iter,
+                          diameter=diameter)
+
+
+def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | GridSoftmin | None, batch_shape: tuple[int, ...], blur,
+                   p, reach, scaling, debias, backend, tol, max_iter, diameter) -> OTResult:
+    """The solve on batched tensors x (B, N, D), α (B, N), y (B, M, D), β (B, M); ``grid``: the shared voxel grid
+    of two masks, or the softmin of dense grid weights (then x = y are the voxel centres)."""
+    rho_a, rho_b = _reaches(reach, p)
     dtype = torch.promote_types(x.dtype, y.dtype)
     x, alpha, y, beta = x.to(dtype), alpha.to(dtype), y.to(dtype), beta.to(dtype)
     if rho_a is None and rho_b is None:
@@ -315,11 +324,13 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
         if diameter is None:
             both = torch.cat([x, y], dim=1).detach()
             diameter = max(float((both.amax(1) - both.amin(1)).norm(dim=-1).max()), blur)
-        name = "grid" if grid is not None else _choose_backend(backend, x.shape[1], y.shape[1], a.dim, x.device)
+        name = "grid" if grid is not None else _choose_backend(backend, x.shape[1], y.shape[1], x.shape[-1], x.device)
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
         options = dict(blur=blur, p=p, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
                        max_iter=max_iter, epsilons=_epsilon_schedule(diameter, blur, p, scaling))
-        if name == "grid":
+        if isinstance(grid, GridSoftmin):
+            items = [_solve_item(_SingleScale(x, y, alpha.log(), beta.log(), grid, None), x, y, alpha, beta, **options)]
+        elif grid is not None:
             geometry = _SingleScale(x, y, alpha.log(), beta.log(), GridSoftmin(grid.shape, grid.spacing), None)
             items = [grid.restrict(_solve_item(geometry, x, y, alpha, beta, **options))]
         elif name == "multiscale":
@@ -334,7 +345,7 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
                          torch.stack([morton_order(item, diameter / 1000) for item in y]))
             geometry = _SingleScale(x, y, alpha.log(), beta.log(), softmin, order)
             items = [_solve_item(geometry, x, y, alpha, beta, **options)]
-    return _result(items, center, bool(a.batch_shape), blur**p, name)
+    return _result(items, center, batch_shape, blur**p, name)
 
 
 def _shared_grid(a: Measure, b: Measure, backend: str, p: int) -> SharedGrid | None:
@@ -385,18 +396,21 @@ def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, i
     return value, f, g, f_aa, g_bb, error, converged, schedule, plan
 
 
-def _result(items, center, batched: bool, eps: float, backend: str) -> OTResult:
+def _result(items, center, batch_shape: tuple[int, ...], eps: float, backend: str) -> OTResult:
     def stack(index):
         parts = [item[index] for item in items]
         return None if parts[0] is None else torch.cat(parts)
 
     value, f, g, f_aa, g_bb = (stack(k) for k in range(5))
-    unbatch = (lambda t: t) if batched else (lambda t: None if t is None else t.squeeze(0))
+
+    def unbatch(tensor):
+        return None if tensor is None else tensor.reshape((*batch_shape, *tensor.shape[1:]))
+
     schedule = items[0][7] if len(items) == 1 else [step for item in items for step in item[7]]
     return OTResult(
         value=unbatch(value), f=unbatch(f), g=unbatch(g), f_aa=unbatch(f_aa), g_bb=unbatch(g_bb), eps=eps,
         marginal_error=max(item[5] for item in items), converged=all(item[6] for item in items), schedule=schedule,
-        backend=backend, _problem=_Problem([item[8] for item in items], center, batched),
+        backend=backend, _problem=_Problem([item[8] for item in items], center, batch_shape),
     )
 
 
