@@ -13,7 +13,7 @@ and a softmin over the N voxels of an I × J × K grid costs N (I + J + K) kerne
 log-sum-exp along each axis in turn, each an exact log-domain reduction (no underflow at small blurs, where a
 kernel convolution in the linear domain would lose the far-transported mass). Lines of the grid that hold no mass
 (all −∞ in the log domain) are skipped, so the empty background around a mask costs little. The cost
-:math:`|x - y|`` of ``p = 1`` does not factorise: grids need ``p = 2``.
+:math:`|x - y|` of ``p = 1`` does not factorise: grids need ``p = 2``.
 
 :class:`GridSoftmin` implements the softmin protocol of :mod:`geomed.ot.softmin` on the flattened grid (the
 coordinates passed in are not read: the grid is), so the ε-scaling loop of :mod:`geomed.ot.sinkhorn` runs
