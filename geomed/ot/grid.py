@@ -41,13 +41,15 @@ from .result import OTResult
 from .softmin import tile_logsumexp
 
 _TILE_ENTRIES = 2_000_000
+_COARSEST = 16
 
 
 class GridSoftmin:
     """Separable softmin on a grid of spatial ``shape`` with ``spacing`` (mm) per axis, ``p = 2``.
 
     Inputs follow the softmin protocol with the grid flattened: ``h (B, N)``, N = prod(shape); ``x`` and ``y``
-    (B, N, D) are accepted and ignored (both measures live on this grid).
+    (B, N, D) are accepted and ignored (both measures live on this grid). :meth:`between` makes the softmin of
+    one grid's voxels against another's (the fine voxels against a coarse level of the pyramid).
     """
 
     name = "grid"
@@ -56,8 +58,14 @@ class GridSoftmin:
     def __init__(self, shape: Sequence[int], spacing: Sequence[float]):
         if len(shape) != len(spacing):
             raise ValueError(f"shape {tuple(shape)} and spacing {tuple(spacing)} must have one entry per axis")
-        self.shape = tuple(int(n) for n in shape)
-        self.spacing = tuple(float(s) for s in spacing)
+        self.rows = self.cols = [torch.arange(int(n), dtype=torch.float64) * float(s) for n, s in zip(shape, spacing)]
+
+    @classmethod
+    def between(cls, rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor]) -> GridSoftmin:
+        """The softmin of the voxels with per-axis coordinates ``rows`` (mm) against those with ``cols``."""
+        softmin = cls.__new__(cls)
+        softmin.rows, softmin.cols = list(rows), list(cols)
+        return softmin
 
     def __call__(self, eps, x, y, h):
         return self._logsumexp(h, eps).mul_(-eps)
@@ -74,28 +82,126 @@ class GridSoftmin:
         return torch.stack(parts, -1)
 
     def _logsumexp(self, h: torch.Tensor, eps: float) -> torch.Tensor:
-        """log Σ_j exp(h_j − |x_i − x_j|²/2ε) for every voxel i: (B, N) → (B, N)."""
+        """log Σ_j exp(h_j − |x_i − y_j|²/2ε) for every row voxel i: (B, M) → (B, N)."""
         batch = h.shape[0]
-        field = h.reshape(batch, *self.shape)
-        for axis, (length, step) in enumerate(zip(self.shape, self.spacing)):
-            offsets = torch.arange(length, dtype=h.dtype, device=h.device) * step
-            cost = (offsets.unsqueeze(-1) - offsets).square_().div_(2 * eps)
+        field = h.reshape(batch, *[len(c) for c in self.cols])
+        for axis, (rows, cols) in enumerate(zip(self.rows, self.cols)):
+            rows, cols = rows.to(h.device, h.dtype), cols.to(h.device, h.dtype)
+            cost = (rows.unsqueeze(-1) - cols).square_().div_(2 * eps)
             field = _axis_logsumexp(field, axis + 1, cost)
         return field.reshape(batch, -1)
+
+
+class GridPyramid:
+    """Coarse-to-fine levels of two measures on one grid, driven by the ε-scaling loop (the grid's
+    :class:`~geomed.ot.multiscale.Multiscale`).
+
+    Level k + 1 merges pairs of voxels of level k along every axis longer than one voxel (any size: an odd axis
+    ends on a single voxel), summing the weights; the coarse voxels sit at the mean of their members' coordinates,
+    so each level is again a separable grid. Levels stop when the longest axis has at most ``_COARSEST`` voxels.
+    The loop starts on the coarsest level whose voxels are no larger than the blur and moves down as ε decreases;
+    on each jump the potentials are extrapolated by one softmin of the finer voxels against the coarser measure
+    (:meth:`GridSoftmin.between`), so that the full-resolution grid only sees the last few ε steps.
+    """
+
+    order = None
+    kept = 1.0
+
+    def __init__(self, x, y, log_a, log_b, shape: Sequence[int], spacing: Sequence[float], damping):
+        self.damping = damping
+        self._fine = (x, y)
+        coordinates = [torch.arange(int(n), dtype=torch.float64) * float(s) for n, s in zip(shape, spacing)]
+        self.levels = [(coordinates, log_a, log_b)]
+        self.cells = [0.0]
+        while max(len(c) for c in coordinates) > _COARSEST:
+            log_a, log_b = (_pool_log_weights(w, [len(c) for c in coordinates]) for w in (log_a, log_b))
+            coordinates = [_pool_coordinates(c) for c in coordinates]
+            self.levels.append((coordinates, log_a, log_b))
+            self.cells.append(max(float(c[1] - c[0]) for c in coordinates if len(c) > 1))
+        self.level = len(self.levels) - 1
+        self._set_softmins()
+
+    @property
+    def scale(self) -> float:
+        """Voxel size (mm, largest axis) of the working level; 0 for the input grid."""
+        return self.cells[self.level]
+
+    def measures(self):
+        coordinates, log_a, log_b = self.levels[self.level]
+        if self.level == 0:
+            return (*self._fine, log_a, log_b)
+        placeholder = log_a.new_zeros(log_a.shape[0], log_a.shape[1], len(coordinates))
+        return placeholder, placeholder, log_a, log_b
+
+    def advance(self, eps: float, potentials: list, final: bool) -> list:
+        """Move to the level suited to ``eps`` (the input grid if ``final``), extrapolating the potentials."""
+        blur = math.sqrt(eps)
+        target = 0 if final else max(k for k, cell in enumerate(self.cells) if cell <= blur)
+        while self.level > target:
+            potentials = self._jump(eps, potentials)
+        return potentials
+
+    def _jump(self, eps: float, potentials: list) -> list:
+        coarse, coarse_a, coarse_b = self.levels[self.level]
+        fine = self.levels[self.level - 1][0]
+        extend = GridSoftmin.between(fine, coarse)
+        sides = (("x", coarse_b, 1), ("y", coarse_a, 0), ("x", coarse_a, 2), ("y", coarse_b, 3))
+        extrapolated = [None if potentials[own] is None else
+                        self.damping(eps, side) * extend(eps, None, None, log_weights + potentials[other] / eps)
+                        for (side, log_weights, other), own in zip(sides, range(4))]
+        self.level -= 1
+        self._set_softmins()
+        return extrapolated
+
+    def _set_softmins(self) -> None:
+        coordinates = self.levels[self.level][0]
+        softmin = GridSoftmin.between(coordinates, coordinates)
+        self.softmins = {"xy": softmin, "yx": softmin, "xx": softmin, "yy": softmin}
+
+
+def _pool_coordinates(coordinates: torch.Tensor) -> torch.Tensor:
+    """Mean coordinate of each pair of neighbouring voxels (the last one alone on an odd axis)."""
+    if len(coordinates) == 1:
+        return coordinates
+    pairs = torch.cat([coordinates, coordinates[-1:]]) if len(coordinates) % 2 else coordinates
+    merged = pairs.view(-1, 2).mean(-1)
+    if len(coordinates) % 2:
+        merged[-1] = coordinates[-1]
+    return merged
+
+
+def _pool_log_weights(log_weights: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """log of the summed weights of each 2 × … × 2 block, (B, N) → (B, N_coarse)."""
+    field = log_weights.reshape(log_weights.shape[0], *shape)
+    for axis, length in enumerate(shape, start=1):
+        if length == 1:
+            continue
+        if length % 2:
+            pad = field.new_full((*field.shape[:axis], 1, *field.shape[axis + 1 :]), -math.inf)
+            field = torch.cat([field, pad], axis)
+        field = field.unflatten(axis, (-1, 2)).logsumexp(axis + 1)
+    return field.reshape(log_weights.shape[0], -1)
 
 
 def _axis_logsumexp(field: torch.Tensor, axis: int, cost: torch.Tensor) -> torch.Tensor:
     """out[..., i, ...] = log Σ_j exp(field[..., j, ...] − cost[i, j]) along ``axis``; lines of −∞ stay −∞."""
     moved = field.movedim(axis, -1)
     lines = moved.reshape(-1, moved.shape[-1])
-    out = torch.full_like(lines, -math.inf)
+    out = lines.new_full((len(lines), cost.shape[0]), -math.inf)
     occupied = torch.isfinite(lines).any(-1).nonzero().squeeze(-1)
-    length = lines.shape[-1]
-    chunk = max(1, _TILE_ENTRIES // (length * length))
+    chunk = max(1, _TILE_ENTRIES // cost.numel())
     for start in range(0, len(occupied), chunk):
         rows = occupied[start : start + chunk]
         out[rows] = tile_logsumexp(lines[rows].unsqueeze(-2) - cost)
-    return out.reshape(moved.shape).movedim(-1, axis)
+    return out.reshape(*moved.shape[:-1], cost.shape[0]).movedim(-1, axis)
+
+
+@dataclass(frozen=True)
+class DenseGrid:
+    """The grid of dense ``(B, C, *spatial)`` weights: spatial shape and spacing (mm)."""
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,6 +367,6 @@ def grid_sinkhorn_divergence(
     axes = [torch.arange(n, dtype=dtype, device=a.device) * s for n, s in zip(shape, spacing)]
     centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, len(shape))
     points = centres.expand(len(flat[0]), -1, -1)
-    return _solve_tensors(points, flat[0], points, flat[1], grid=GridSoftmin(shape, spacing), batch_shape=batch_shape,
+    return _solve_tensors(points, flat[0], points, flat[1], grid=DenseGrid(shape, spacing), batch_shape=batch_shape,
                           blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend="grid", tol=tol,
                           max_iter=max_iter, diameter=diameter)

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ..measure import Measure
-from .grid import GridSoftmin, SharedGrid, grid_pays_off, shared_grid
+from .grid import DenseGrid, GridPyramid, SharedGrid, grid_pays_off, shared_grid
 from .multiscale import Multiscale, morton_order
 from .result import OTResult, ScheduleStep, _PlanItem, _Problem
 from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin, keops_available
@@ -308,10 +308,10 @@ def _solve(a, b, *, blur, p, reach, scaling, debias, backend, tol, max_iter, dia
                           diameter=diameter)
 
 
-def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | GridSoftmin | None, batch_shape: tuple[int, ...], blur,
+def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | DenseGrid | None, batch_shape: tuple[int, ...], blur,
                    p, reach, scaling, debias, backend, tol, max_iter, diameter) -> OTResult:
     """The solve on batched tensors x (B, N, D), α (B, N), y (B, M, D), β (B, M); ``grid``: the shared voxel grid
-    of two masks, or the softmin of dense grid weights (then x = y are the voxel centres)."""
+    of two masks, or the grid of dense weights (then x = y are its voxel centres)."""
     rho_a, rho_b = _reaches(reach, p)
     dtype = torch.promote_types(x.dtype, y.dtype)
     x, alpha, y, beta = x.to(dtype), alpha.to(dtype), y.to(dtype), beta.to(dtype)
@@ -328,11 +328,13 @@ def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | GridSoftmin | None, 
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
         options = dict(blur=blur, p=p, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
                        max_iter=max_iter, epsilons=_epsilon_schedule(diameter, blur, p, scaling))
-        if isinstance(grid, GridSoftmin):
-            items = [_solve_item(_SingleScale(x, y, alpha.log(), beta.log(), grid, None), x, y, alpha, beta, **options)]
-        elif grid is not None:
-            geometry = _SingleScale(x, y, alpha.log(), beta.log(), GridSoftmin(grid.shape, grid.spacing), None)
-            items = [grid.restrict(_solve_item(geometry, x, y, alpha, beta, **options))]
+        if grid is not None:
+            def damping(eps, side):
+                return _damping(eps, rho_a if side == "x" else rho_b)
+
+            pyramid = GridPyramid(x, y, alpha.log(), beta.log(), grid.shape, grid.spacing, damping)
+            item = _solve_item(pyramid, x, y, alpha, beta, **options)
+            items = [grid.restrict(item) if isinstance(grid, SharedGrid) else item]
         elif name == "multiscale":
             items = [_solve_item(_multiscale(x[i], y[i], alpha[i], beta[i], blur, p, rho_a, rho_b, debias),
                                  x[i : i + 1], y[i : i + 1], alpha[i : i + 1], beta[i : i + 1], **options)
