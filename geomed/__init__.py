@@ -10,14 +10,17 @@ training script pulls in torch alone.
 from importlib import import_module
 
 from .image import Image
+from .kernels import KernelLoss, VarifoldLoss, mmd, varifold_distance
 from .measure import Measure, VoxelGrid
 from .mesh import Mesh
-from .ot import OTResult, SinkhornLoss, grid_sinkhorn_divergence, sinkhorn_divergence
+from .ot import (BarycenterResult, OTResult, SinkhornLoss, grid_sinkhorn_barycenter, grid_sinkhorn_divergence,
+                 sinkhorn_barycenter, sinkhorn_divergence)
 
 _LAZY = {"read_image": "io", "read_mesh": "io", "write_image": "io", "write_mesh": "io", "mask_to_mesh": "surface"}
 
-__all__ = ["Image", "Measure", "Mesh", "OTResult", "SinkhornLoss", "grid_sinkhorn_divergence", "sinkhorn_divergence", "VoxelGrid",
-           *_LAZY]
+__all__ = ["BarycenterResult", "Image", "KernelLoss", "Measure", "Mesh", "OTResult", "SinkhornLoss",
+           "VarifoldLoss", "VoxelGrid", "grid_sinkhorn_barycenter", "grid_sinkhorn_divergence", "mmd",
+           "sinkhorn_barycenter", "sinkhorn_divergence", "varifold_distance", *_LAZY]
 __version__ = "0.1.0"
 
 

@@ -265,6 +265,48 @@ class Measure:
         )
 
     @classmethod
+    def from_triangles(cls, vertices: torch.Tensor, triangles: _Array) -> Measure:
+        """The surface measure of moving vertices, differentiable w.r.t. them (for registration and flows).
+
+        One Dirac per triangle at its centroid, weight = its area (mm²), normal = its unit normal — the same
+        measure as :meth:`from_mesh`, but computed in torch so that gradients reach ``vertices``.
+
+        Parameters
+        ----------
+        vertices : Tensor (V, D), D = 3
+            Vertex positions in mm, e.g. ``torch.tensor(mesh.vertices, requires_grad=True)``.
+        triangles : array or Tensor (F, 3) of int
+            Vertex indices per triangle (``mesh.triangles``).
+
+        Raises
+        ------
+        ValueError
+            For a triangle of zero area (its normal is undefined and its gradient infinite): the message gives how
+            many and the first ones. Clean the mesh first, or keep the flow from collapsing triangles.
+        """
+        if not isinstance(vertices, torch.Tensor) or not vertices.is_floating_point():
+            raise TypeError("vertices must be a floating torch tensor (V, 3); use Measure.from_mesh for a Mesh")
+        if vertices.ndim != 2 or vertices.shape[1] != 3:
+            raise ValueError(f"vertices must have shape (V, 3), got {tuple(vertices.shape)}")
+        faces = triangles if isinstance(triangles, torch.Tensor) else torch.tensor(np.array(triangles))
+        faces = faces.to(vertices.device)
+        if faces.is_floating_point() or faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
+            raise ValueError(f"triangles must be integer indices of shape (F, 3), F > 0, got {tuple(faces.shape)} "
+                             f"of {faces.dtype}")
+        faces = faces.long()
+        if int(faces.min()) < 0 or int(faces.max()) >= len(vertices):
+            raise ValueError(f"triangles index vertices out of range [0, {len(vertices)}): found "
+                             f"{int(faces.min())}..{int(faces.max())}")
+        corners = vertices[faces]
+        cross = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+        doubled = cross.norm(dim=1)
+        degenerate = torch.nonzero(doubled.detach() == 0).squeeze(1)
+        if len(degenerate):
+            raise ValueError(f"{len(degenerate)} triangle(s) have zero area, e.g. triangles "
+                             f"{degenerate[:5].tolist()}: their normals are undefined")
+        return cls(corners.mean(1), doubled / 2, cross / doubled.unsqueeze(1))
+
+    @classmethod
     def from_mask(
         cls,
         mask: Image | _Array,

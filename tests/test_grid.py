@@ -178,3 +178,81 @@ def test_pyramid_levels_conserve_mass_on_odd_grids():
     torch.testing.assert_close(coarse_a.exp().sum(-1), log_a.exp().sum(-1))
     torch.testing.assert_close(coordinates[0][:2], torch.tensor([0.25, 1.25], dtype=torch.float64))
     assert float(coordinates[0][-1]) == 18.0 and pyramid.cells == [0.0, 3.0, 6.0]
+
+
+def _sitk_image(array: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image of ``array[i, j, k]`` placed by ``affine`` (index → world mm, any frame: only used to
+    resample between grids of that same frame)."""
+    import SimpleITK as sitk
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((affine[:3, :3] / spacing).reshape(-1).tolist())
+    image.SetOrigin(affine[:3, 3].tolist())
+    return image
+
+
+def _resample(array: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target: np.ndarray,
+              linear: bool) -> np.ndarray:
+    """``array`` on the grid (``shape``, ``target`` affine) of the same world space, by SimpleITK: trilinear
+    (soft occupancies in [0, 1]) or nearest-neighbour interpolation, 0 outside."""
+    import SimpleITK as sitk
+
+    reference = _sitk_image(np.zeros(shape, dtype=np.float32), target)
+    interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
+    resampled = sitk.Resample(_sitk_image(array.astype(np.float32), affine), reference, sitk.Transform(),
+                              interpolator, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled).T.astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def two_hippocampi() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left hippocampi of donors 9861 and 10021 (one 1 mm lattice in their native frames, centroids 4.8 mm
+    apart) as binary masks on one 1 mm grid: donor 9861's, cropped to both hippocampi + 4 mm."""
+    first, second = datasets.brain_labels("9861"), datasets.brain_labels("10021")
+    inside = [image.index_to_world(np.argwhere(image.array == 40)) for image in (first, second)]
+    index = first.world_to_index(np.concatenate(inside))
+    lower, upper = np.floor(index.min(0)).astype(int) - 4, np.ceil(index.max(0)).astype(int) + 5
+    crop = first.crop(tuple(lower), tuple(upper))
+    mask_b = _resample(second.array == 40, second.affine, crop.shape, crop.affine, linear=False)
+    assert mask_b.sum() == len(inside[1]), "donor 10021's voxels must land on donor 9861's lattice"
+    return (crop.array == 40).astype(np.float64), mask_b, crop.affine
+
+
+def test_divergence_of_real_hippocampi_does_not_depend_on_the_voxel_spacing(two_hippocampi):
+    """Two donors' left hippocampi at 1 mm, then both resampled (trilinear, soft occupancies) onto
+    0.7 × 1.0 × 1.6 mm voxels over the same world box: the divergence changes by the discretisation error only.
+
+    Bound: resampling smooths each boundary by the 1 mm trilinear tent and coarsens the quadrature along the
+    1.6 mm axis. Its size is the divergence S(A, A') between a mask and its resampled self (≈ 0.007 mm², under 1%
+    of the 14.4 mm² between the donors, so the test is not vacuous). By the triangle inequality of W2 (≈ √(2S) at
+    this blur), |√S(A', B') − √S(A, B)| ≤ √S(A, A') + √S(B, B'), ≈ 8% of S here; the fixed bound asserted is 2%
+    (observed 0.9%). The grid and the point-cloud solvers agree at both spacings to the 0.1% of their stopping
+    tolerance.
+    """
+    mask_a, mask_b, affine = two_hippocampi
+    spacing = np.array([0.7, 1.0, 1.6])
+    shape = tuple(int(n) for n in np.ceil(np.array(mask_a.shape) / spacing))
+    target = affine.copy()
+    target[:3, :3] = affine[:3, :3] * spacing
+    target[:3, 3] = affine[:3, :3] @ (spacing / 2 - 0.5) + affine[:3, 3]
+    soft_a, soft_b = (_resample(mask, affine, shape, target, linear=True) for mask in (mask_a, mask_b))
+    assert soft_a.min() >= 0 and soft_a.max() <= 1 and np.any((soft_a > 0) & (soft_a < 1))
+    voxel = float(np.prod(spacing))
+    np.testing.assert_allclose([soft_a.sum() * voxel, soft_b.sum() * voxel], [mask_a.sum(), mask_b.sum()], rtol=5e-3)
+
+    native = [Measure.from_mask(mask, affine) for mask in (mask_a, mask_b)]
+    resampled = [Measure.from_mask(mask, target) for mask in (soft_a, soft_b)]
+    values = {}
+    for name, (a, b) in (("native", native), ("resampled", resampled)):
+        on_grid = sinkhorn_divergence(a, b, blur=2.0)
+        on_points = sinkhorn_divergence(Measure.from_points(a.points, a.weights),
+                                        Measure.from_points(b.points, b.weights), blur=2.0)
+        assert on_grid.backend == "grid" and on_points.backend != "grid"
+        torch.testing.assert_close(on_points.value, on_grid.value, rtol=1e-3, atol=0)
+        values[name] = float(on_grid.value)
+    self_a, self_b = (float(sinkhorn_divergence(n, r, blur=2.0).value) for n, r in zip(native, resampled))
+    assert max(self_a, self_b) < 1e-2 * values["native"]
+    assert abs(values["resampled"] ** 0.5 - values["native"] ** 0.5) <= self_a ** 0.5 + self_b ** 0.5
+    assert abs(values["resampled"] / values["native"] - 1) < 0.02

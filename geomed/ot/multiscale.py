@@ -85,9 +85,10 @@ def _morton_codes(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, floa
     cell = max(cell, extent / (2**bits - 1) * (1 + 1e-6), 1e-12)
     cells = ((points.detach() - low) / cell).floor().long().clamp_(0, 2**bits - 1)
     code = torch.zeros(n, dtype=torch.long, device=points.device)
-    for bit in range(bits):
+    columns = [cells[:, d].contiguous() for d in range(dim)]
+    for bit in range(int(cells.max()).bit_length() if n else 0):
         for d in range(dim):
-            code |= ((cells[:, d] >> bit) & 1) << (bit * dim + d)
+            code |= ((columns[d] >> bit) & 1) << (bit * dim + d)
     return code, cell
 
 
