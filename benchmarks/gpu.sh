@@ -2,15 +2,20 @@
 # The GPU benchmark, as one script for a short lease of a GPU machine: the fused kernel rates, then geomed against
 # GeomLoss forward+backward at 10k (float64 references) and 100k. GeomLoss's KeOps backends run only where geomed's
 # probe finds a working KeOps (a broken KeOps build can crash the process).
-# Usage: benchmarks/gpu.sh OUT_DIR   (inputs cached in build/benchmark-inputs by a CPU run of
-# benchmarks/sinkhorn.py, since the GPU machine may lack VTK/SimpleITK).
+# Then the kernel losses (benchmarks/kernels.py) and the grid Sinkhorn (benchmarks/grid.py).
+# Usage: benchmarks/gpu.sh OUT_DIR [SECTION ...], sections: rates sinkhorn kernels grid (default: all). Inputs
+# are cached in build/benchmark-inputs by CPU runs of the benchmarks, since the GPU machine may lack VTK/SimpleITK.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [rates|sinkhorn|kernels|grid ...]}
+shift
+sections=${*:-rates sinkhorn kernels grid}
+wants() { [[ " $sections " == *" $1 "* ]]; }
 mkdir -p "$out"
 export KEOPS_CACHE_FOLDER=${KEOPS_CACHE_FOLDER:-/tmp/keops-cache} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 if command -v nvcc >/dev/null; then export CUDA_PATH=${CUDA_PATH:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, triton, geomloss, pykeops; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pykeops', pykeops.__version__, 'geomloss', geomloss.__version__)"
+if wants rates; then
 python3 - <<'PY'
 import time, torch
 from geomed.ot.softmin import OnlineSoftmin
@@ -28,12 +33,23 @@ for softmin in (TritonSoftmin(2), OnlineSoftmin.for_device(2, x.device)):
     print(f"{softmin.name:7s} 100k x 100k softmin {seconds * 1e3:8.2f} ms = {n * n / seconds / 1e9:7.1f} G evaluations/s; "
           f"average {(time.perf_counter() - start) * 1e3:8.2f} ms")
 PY
+fi
+bench() { timeout "$1" python3 benchmarks/sinkhorn.py --device cuda --passes fwd+bwd "${@:2}"; }
+if wants sinkhorn; then
 peers=(geomloss-tensorized)
 if python3 -c "import sys; from geomed.ot.softmin import keops_available; sys.exit(not keops_available())"; then
   peers+=(geomloss-online geomloss-multiscale)
 fi
-bench() { timeout "$1" python3 benchmarks/sinkhorn.py --device cuda --passes fwd+bwd "${@:2}"; }
 bench 150 --sizes 10000 --inputs cube surface volume --out "$out/n10k" --repeats 3 \
   --libraries geomed geomed-online "${peers[@]}"
 bench 200 --sizes 100000 --inputs cube surface volume --out "$out/n100k" --repeats 2 --reference-max 0 \
   --libraries geomed "${peers[@]:1}"
+fi
+if wants kernels; then
+  timeout 240 python3 benchmarks/kernels.py --device cuda --sizes 50000 100000 --losses gaussian energy oriented \
+    --libraries geomed geomed-keops geomloss-online geomloss-multiscale geomloss-tensorized --timeout 100 \
+    --cache "$out/kernel-references.json" | tee "$out/kernels.txt"
+fi
+if wants grid; then
+  timeout 200 python3 benchmarks/grid.py --device cuda --sizes 64 128 256 --inputs blobs | tee "$out/grid.txt"
+fi

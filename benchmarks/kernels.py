@@ -7,7 +7,9 @@ forward + backward (gradient w.r.t. the first points) after a warm-up call on 20
 Error: relative gap to a float64 evaluation of every pair (plain torch, chunked; cached in ``--cache``).
 
 Libraries: ``geomed`` (default backend: truncated torch tiles), ``geomed-keops`` (one KeOps reduction),
-``geomloss-online`` (its default for kernels, KeOps) and ``geomloss-multiscale`` (KeOps, block-sparse, truncate=5).
+``geomloss-online`` (its default for kernels, KeOps), ``geomloss-multiscale`` (KeOps, block-sparse, truncate=5)
+and ``geomloss-tensorized`` (plain torch, O(N²) memory). KeOps rows are skipped where geomed's probe finds KeOps
+broken (a broken build can crash the process).
 GeomLoss has no varifolds or currents: those rows compare geomed's backends with the reference only.
 
     python benchmarks/kernels.py --sizes 10000 50000 --losses gaussian laplacian energy oriented
@@ -30,7 +32,8 @@ import torch
 _BLUR = 2.0
 _VARIFOLDS = ("oriented", "unoriented", "current")
 _LOSSES = ("gaussian", "laplacian", "energy", *_VARIFOLDS)
-_LIBRARIES = ("geomed", "geomed-keops", "geomloss-online", "geomloss-multiscale")
+_LIBRARIES = ("geomed", "geomed-keops", "geomloss-online", "geomloss-multiscale", "geomloss-tensorized")
+_KEOPS_LIBRARIES = ("geomed-keops", "geomloss-online", "geomloss-multiscale")
 
 
 def _surface_sample(index: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000])
     parser.add_argument("--losses", nargs="+", choices=_LOSSES, default=list(_LOSSES))
-    parser.add_argument("--libraries", nargs="+", choices=_LIBRARIES, default=list(_LIBRARIES))
+    parser.add_argument("--libraries", nargs="+", choices=_LIBRARIES, default=list(_LIBRARIES[:4]))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--cache", type=Path, default=Path("build/benchmark-inputs/kernel-references.json"))
@@ -152,6 +155,9 @@ def main() -> None:
         library, loss, n, device = args.single
         print(json.dumps(_run(library, loss, int(n), device)))
         return
+    from geomed.ot.softmin import keops_available
+
+    libraries = [name for name in args.libraries if name not in _KEOPS_LIBRARIES or keops_available()]
     memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
     print(f"{'loss':>10} {'N':>7} {'library':>19} {'fwd+bwd':>9} {'value':>13} {'rel. error':>10} {memory:>11} "
           f"{'time / geomed':>13}")
@@ -159,7 +165,7 @@ def main() -> None:
         for n in args.sizes:
             reference = _reference(loss, n, args.device, args.cache)
             geomed_seconds = None
-            for library in args.libraries:
+            for library in libraries:
                 if library.startswith("geomloss") and loss in _VARIFOLDS:
                     continue
                 row = _subprocess(library, loss, n, args.device, args.timeout)

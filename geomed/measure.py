@@ -54,8 +54,8 @@ class VoxelGrid:
     Parameters
     ----------
     shape : tuple of int
-        Spatial shape of the grid, (I, J, K).
-    affine : array (4, 4)
+        Spatial shape of the grid, (I, J, K), or (I, J) for a 2-D slice.
+    affine : array (D + 1, D + 1)
         Voxel index → world mm (origin, direction and spacing), as in :class:`~geomed.Image`.
     index : Tensor (N,) of int64
         Flat (C-order) voxel index of every point.
@@ -322,10 +322,11 @@ class Measure:
 
         Parameters
         ----------
-        mask : Image, or array / Tensor (I, J, K)
+        mask : Image, or array / Tensor (I, J, K) or (I, J)
             Occupancy in [0, 1]: booleans, 0/1 integers, or probabilities (a soft segmentation). A tensor
-            keeps its autograd graph: the weights are differentiable w.r.t. the occupancies.
-        affine : array (4, 4), optional
+            keeps its autograd graph: the weights are differentiable w.r.t. the occupancies. A 2-D slice gives a
+            2-D measure (points (N, 2) in mm, weights in mm²).
+        affine : array (4, 4), or (3, 3) for a 2-D mask, optional
             Voxel index → world RAS mm. Required for a bare array; must be omitted for an ``Image``.
         dtype, device
             Default: torch's default dtype; the device of a tensor mask, else CPU.
@@ -349,7 +350,8 @@ class Measure:
         if len(index) == 0:
             raise ValueError("mask is empty: no voxel has positive occupancy")
         dtype = dtype or (values.dtype if floating and isinstance(values, torch.Tensor) else torch.get_default_dtype())
-        weights = occupancy.to(dtype=dtype, device=device) * float(abs(np.linalg.det(matrix[:3, :3])))
+        dim = values.ndim
+        weights = occupancy.to(dtype=dtype, device=device) * float(abs(np.linalg.det(matrix[:dim, :dim])))
         grid = _voxel_grid(tuple(values.shape), matrix, index, weights.device)
         return cls(_index_to_world(index, matrix, dtype, weights.device), weights, grid=grid)
 
@@ -475,11 +477,18 @@ def _mask_and_affine(mask: Image | _Array, affine: np.ndarray | None) -> tuple[_
         return mask.array, mask.affine
     if affine is None:
         raise TypeError("affine is required when mask is a bare array or tensor (voxel index → world RAS mm)")
-    geometry = Image(np.zeros((1, 1, 1), dtype=np.uint8), affine)
     values = mask if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if values.ndim != 3:
-        raise ValueError(f"mask must have shape (I, J, K), got {tuple(values.shape)}")
-    return values, geometry.affine
+    if values.ndim == 3:
+        return values, Image(np.zeros((1, 1, 1), dtype=np.uint8), affine).affine
+    if values.ndim != 2:
+        raise ValueError(f"mask must have shape (I, J, K), or (I, J) for a 2-D slice, got {tuple(values.shape)}")
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (3, 3):
+        raise ValueError(f"affine of a 2-D mask (I, J) must have shape (3, 3) (pixel index → mm), got {matrix.shape}")
+    require_finite(matrix, "affine")
+    if not np.allclose(matrix[2], [0.0, 0.0, 1.0]) or abs(np.linalg.det(matrix[:2, :2])) == 0:
+        raise ValueError("affine of a 2-D mask must be invertible with last row [0, 0, 1]")
+    return values, matrix
 
 
 def _check_occupancy(low: float, high: float, floating: bool) -> None:
@@ -496,7 +505,8 @@ def _voxel_grid(shape: tuple[int, ...], affine: np.ndarray, index: np.ndarray, d
 
 
 def _index_to_world(index: np.ndarray, affine: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
-    world = index.astype(np.float64) @ affine[:3, :3].T + affine[:3, 3]
+    dim = index.shape[1]
+    world = index.astype(np.float64) @ affine[:dim, :dim].T + affine[:dim, dim]
     return torch.as_tensor(world, dtype=dtype, device=device)
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import geomed
-from geomed import Image, Measure, Mesh, datasets
+from geomed import Image, Measure, Mesh, datasets, sinkhorn_divergence
 from geomed.morphometry import surface_area, volume
 
 
@@ -362,3 +362,23 @@ def test_import_geomed_loads_the_file_readers_on_first_use():
     assert geomed.datasets.knee_labels is datasets.knee_labels and geomed.morphometry.volume is volume
     with pytest.raises(AttributeError, match="has no attribute 'read_volume'"):
         geomed.read_volume  # noqa: B018
+
+
+def test_two_dimensional_masks_are_measures_on_a_grid():
+    """A 2-D slice with a (3, 3) affine: points in mm, weights in mm², and two slices of one geometry are solved on
+    their grid with the value of the point-cloud solver on the same pixels."""
+    affine = np.array([[0.0, -0.7, 30.0], [1.2, 0.0, -5.0], [0.0, 0.0, 1.0]])
+    first, second = np.zeros((20, 24)), np.zeros((20, 24))
+    first[3:9, 4:15] = 1.0
+    second[8:16, 9:20] = 0.5
+    a, b = (Measure.from_mask(mask, affine, dtype=torch.float64) for mask in (first, second))
+    assert a.points.shape == (66, 2)
+    torch.testing.assert_close(a.points[0], torch.tensor([30.0 - 0.7 * 4, -5.0 + 1.2 * 3], dtype=torch.float64))
+    assert float(a.total_mass) == pytest.approx(66 * 0.84)
+    grid = sinkhorn_divergence(a, b, blur=1.0, backend="grid", tol=1e-6)
+    cloud = sinkhorn_divergence(Measure(a.points, a.weights), Measure(b.points, b.weights), blur=1.0,
+                                backend="dense", tol=1e-6)
+    assert grid.backend == "grid"
+    assert float(grid.value) == pytest.approx(float(cloud.value), rel=1e-6)
+    with pytest.raises(ValueError, match=r"2-D mask \(I, J\) must have shape \(3, 3\)"):
+        Measure.from_mask(first, np.eye(4))
