@@ -12,6 +12,7 @@ sections=${*:-rates sinkhorn kernels grid}
 wants() { [[ " $sections " == *" $1 "* ]]; }
 mkdir -p "$out"
 export KEOPS_CACHE_FOLDER=${KEOPS_CACHE_FOLDER:-/tmp/keops-cache} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if command -v nvcc >/dev/null; then export CUDA_PATH=${CUDA_PATH:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, triton, geomloss, pykeops; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pykeops', pykeops.__version__, 'geomloss', geomloss.__version__)"

@@ -41,6 +41,7 @@ from .result import OTResult
 from .softmin import tile_logsumexp
 
 _TILE_ENTRIES = 2_000_000
+_GPU_TILE_ENTRIES = 2**27
 _COARSEST = 16
 
 
@@ -189,7 +190,7 @@ def _axis_logsumexp(field: torch.Tensor, axis: int, cost: torch.Tensor) -> torch
     lines = moved.reshape(-1, moved.shape[-1])
     out = lines.new_full((len(lines), cost.shape[0]), -math.inf)
     occupied = torch.isfinite(lines).any(-1).nonzero().squeeze(-1)
-    chunk = max(1, _TILE_ENTRIES // cost.numel())
+    chunk = max(1, (_GPU_TILE_ENTRIES if field.is_cuda else _TILE_ENTRIES) // cost.numel())
     for start in range(0, len(occupied), chunk):
         rows = occupied[start : start + chunk]
         out[rows] = tile_logsumexp(lines[rows].unsqueeze(-2) - cost)
