@@ -128,7 +128,7 @@ def _run(library: str, kind: str, size: int, tol: float | None) -> dict:
     value = loss(a, b)
     value.backward()
     seconds = time.perf_counter() - start
-    return {"library": library, "inputs": kind, "size": size, "seconds": seconds, "value": float(value),
+    return {"library": library, "inputs": kind, "size": size, "seconds": seconds, "value": float(value.detach()),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
