@@ -96,6 +96,7 @@ def test_mmd_matches_geomloss(kernel, blur):
     torch.testing.assert_close(torch.autograd.grad(value, a.points)[0], torch.autograd.grad(expected, a.points)[0])
 
 
+@pytest.mark.slow
 def test_truncation_error_is_within_its_bound():
     """On a real femur against a shifted copy: the coarse truncation's error obeys ½·truncate·(Σ|a| + Σ|b|)²,
     and the default one agrees with every pair to 1e-9."""
@@ -132,6 +133,7 @@ def heart():
     return datasets.heart_myocardium("septum")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["oriented", "unoriented", "current"])
 def test_varifold_invariants_on_a_real_surface(heart, kind):
     """Remeshing the same surface costs little next to moving it by 1 mm; flipping the normals is seen by the
@@ -151,6 +153,7 @@ def test_varifold_invariants_on_a_real_surface(heart, kind):
         assert inverted > 10 * displaced
 
 
+@pytest.mark.slow
 def test_from_triangles_matches_from_mesh_and_its_gradient_matches_finite_differences():
     mesh = datasets.heart_myocardium("septum")
     vertices = torch.tensor(mesh.vertices, dtype=torch.float64, requires_grad=True)
