@@ -274,8 +274,8 @@ def test_from_mask_rejects(brain):
         Measure.from_mask(np.ones((2, 2, 2)))
     with pytest.raises(TypeError, match="affine must be omitted"):
         Measure.from_mask(brain.with_array(brain.array == 40), np.eye(4))
-    with pytest.raises(ValueError, match=r"mask must have shape \(I, J, K\)"):
-        Measure.from_mask(np.ones((2, 2)), np.eye(4))
+    with pytest.raises(ValueError, match=r"mask must have shape \(I, J, K\), or \(I, J\) for a 2-D slice"):
+        Measure.from_mask(np.ones((2, 2, 2, 2)), np.eye(4))
     with pytest.raises(ValueError, match="affine must be invertible"):
         Measure.from_mask(np.ones((2, 2, 2)), np.diag([1.0, 1.0, 0.0, 1.0]))
 
