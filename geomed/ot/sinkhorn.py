@@ -44,6 +44,7 @@ Gradients (envelope theorem)
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import time
@@ -57,6 +58,8 @@ from .grid import DenseGrid, GridPyramid, SharedGrid, grid_pays_off, shared_grid
 from .multiscale import Multiscale, morton_order
 from .result import OTResult, ScheduleStep, _PlanItem, _Problem
 from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin, keops_available
+
+logger = logging.getLogger(__name__)
 
 _Reach = float | None | tuple[float | None, float | None]
 
@@ -509,6 +512,10 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
         iterations += 1
         converged = tol is not None and error < tol
     step_record("final-blur", eps, iterations, start)
+    if tol is not None and not converged:
+        logger.warning("Sinkhorn did not converge: marginal error %.2g > tol=%g after max_iter=%d iterations at the "
+                       "final ε = %.3g mm^p; the value may be off by more than 0.1%%: raise max_iter, or the blur if it "
+                       "is below the point spacing", error, tol, max_iter, eps)
     return [f, g, f_aa, g_bb], error, converged, schedule
 
 
