@@ -43,6 +43,31 @@ def test_grid_softmin_matches_dense_on_an_anisotropic_grid():
                                    DenseSoftmin(2).average(eps, grid, grid, h, expected, values), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("blur", [0.05, 0.7, 3.0, 40.0])
+@pytest.mark.parametrize("axis", [1, 2, 3])
+def test_blocked_axis_reduction_is_an_exact_log_sum_exp(blur, axis):
+    """The per-axis reduction (blocks of rows, one matrix product each) equals torch.logsumexp over all pairs, from
+    blurs far below a voxel (one row per block) to blurs above the extent (one block), with empty lines, −∞ entries,
+    potentials varying by hundreds along a line, and output rows on another grid (the pyramid's extrapolation)."""
+    from geomed.ot.grid import _axis_logsumexp
+
+    generator = torch.Generator().manual_seed(axis)
+    field = torch.randn(3, 21, 17, 19, generator=generator, dtype=torch.float64) * 40 - torch.arange(19) * 9.0
+    field[field < -60] = -torch.inf
+    field[0, 2] = -torch.inf
+    field[1, :, 3] = -torch.inf
+    length = field.shape[axis]
+    cols = torch.arange(length, dtype=torch.float64) * 1.3
+    rows = torch.linspace(-2.0, 1.3 * length + 1.0, 2 * length + 1, dtype=torch.float64)
+    eps = blur**2
+    moved = field.movedim(axis, -1)
+    expected = (moved.unsqueeze(-2) - (rows[:, None] - cols).square() / (2 * eps)).logsumexp(-1).movedim(-1, axis)
+    computed = _axis_logsumexp(field, axis, rows, cols, eps)
+    assert torch.equal(torch.isinf(computed), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(computed[finite], expected[finite], rtol=1e-13, atol=1e-9)
+
+
 @pytest.mark.parametrize("reach", [None, 10.0])
 def test_grid_equals_point_cloud_on_oblique_knee_labels(knee_coarse, reach):
     """Femur vs tibia voxels of a real, oblique, anisotropic label map: the grid path (chosen by itself) and the

@@ -503,7 +503,7 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
         cross_error = _relative_change(state["alpha"], f, new_f, eps)
         f = f + omega * (new_f - f)
         g = g + omega * (cross_g(eps, f) - g)
-        if debias and symmetric_error >= tol:
+        if debias and (tol is None or symmetric_error >= tol):
             symmetric_error = symmetric_step(eps)
         error = max(cross_error, symmetric_error if debias else 0.0)
         best = min(best, cross_error)
