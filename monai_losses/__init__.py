@@ -1,5 +1,10 @@
-"""MONAI adapters for geomed: losses, transforms and metrics that follow MONAI's conventions.
+"""geomed for MONAI: geometric losses, transforms and metrics with MONAI's signatures and conventions.
 
-This package holds no maths; every number comes from :mod:`geomed`. Its classes arrive with their own issue;
-for now it is an importable shell, so that ``import monai_losses`` works in a fresh environment.
+Every number comes from :mod:`geomed`; this package arranges tensors the way MONAI's losses, transforms and
+metrics do, so that they drop into training loops, ``DeepSupervisionLoss`` / ``MaskedLoss`` and bundle configs
+(``"_target_": "monai_losses.losses.DiceSinkhornLoss"``).
 """
+
+from .losses import BoundaryKernelLoss, DiceSinkhornLoss, SinkhornSegmentationLoss
+
+__all__ = ["BoundaryKernelLoss", "DiceSinkhornLoss", "SinkhornSegmentationLoss"]
