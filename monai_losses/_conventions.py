@@ -47,7 +47,8 @@ class SegmentationConventions:
         if target.dim() != input.dim():
             raise AssertionError(f"ground truth has different number of dimensions ({tuple(target.shape)}) from "
                                  f"input ({tuple(input.shape)})")
-        input, target = _plain(input).float(), _plain(target)
+        input, target = _plain(input), _plain(target)
+        input = input if input.dtype in (torch.float32, torch.float64) else input.float()
         if self.sigmoid:
             input = torch.sigmoid(input)
         channels = input.shape[1]
