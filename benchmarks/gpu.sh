@@ -2,13 +2,14 @@
 # The GPU benchmark, as one script for a short lease of a GPU machine: the fused kernel rates, then geomed against
 # GeomLoss forward+backward at 10k (float64 references) and 100k. GeomLoss's KeOps backends run only where geomed's
 # probe finds a working KeOps (a broken KeOps build can crash the process).
-# Then the kernel losses (benchmarks/kernels.py) and the grid Sinkhorn (benchmarks/grid.py).
-# Usage: benchmarks/gpu.sh OUT_DIR [SECTION ...], sections: rates sinkhorn kernels grid (default: all). Inputs
+# Then the kernel losses (benchmarks/kernels.py), the grid Sinkhorn (benchmarks/grid.py) and the MONAI losses
+# (benchmarks/monai_losses.py).
+# Usage: benchmarks/gpu.sh OUT_DIR [SECTION ...], sections: rates sinkhorn kernels grid monai (default: all). Inputs
 # are cached in build/benchmark-inputs by CPU runs of the benchmarks, since the GPU machine may lack VTK/SimpleITK.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR [rates|sinkhorn|kernels|grid ...]}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [rates|sinkhorn|kernels|grid|monai ...]}
 shift
-sections=${*:-rates sinkhorn kernels grid}
+sections=${*:-rates sinkhorn kernels grid monai}
 wants() { [[ " $sections " == *" $1 "* ]]; }
 mkdir -p "$out"
 export KEOPS_CACHE_FOLDER=${KEOPS_CACHE_FOLDER:-/tmp/keops-cache} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -67,7 +68,7 @@ def run(library, size):
         value = grid_sinkhorn_divergence(a[None, None], b[None, None], blur=1.0).value.sum()
     else:
         import geomloss
-        value = geomloss.sinkhorn_divergence(a[None], b[None], p=2, blur=1.0 / size).sum() * size**2
+        value = geomloss.sinkhorn_divergence(a[None, None], b[None, None], p=2, blur=1.0 / size).sum() * size**2
     value.backward(); torch.cuda.synchronize()
     return time.perf_counter() - start, float(value), torch.cuda.max_memory_allocated() / 2**20
 for library in ("geomed", "geomloss"):
@@ -82,4 +83,7 @@ for library in ("geomed", "geomloss"):
         except Exception as error:
             print(f"{library:8s} {size}^3 failed: {repr(error)[:200]}", flush=True)
 PY
+fi
+if wants monai; then
+  timeout 240 python3 benchmarks/monai_losses.py --device cuda --shapes 2x64 1x128 | tee "$out/monai_losses.txt"
 fi
