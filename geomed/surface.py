@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
-from vtkmodules.vtkFiltersCore import vtkSurfaceNets3D, vtkWindowedSincPolyDataFilter
+from vtkmodules.vtkCommonCore import vtkDoubleArray
+from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance, vtkSurfaceNets3D, vtkWindowedSincPolyDataFilter
 from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
 
-from ._vtk import VTKError, captured_vtk_errors, polydata_to_mesh
+from ._vtk import VTKError, captured_vtk_errors, mesh_to_polydata, polydata_to_mesh
 from .image import Image
 from .mesh import Mesh
 
@@ -128,3 +129,14 @@ def _outward(mesh: Mesh) -> Mesh:
     if signed_volume < 0:
         return Mesh(mesh.vertices, mesh.triangles[:, ::-1])
     return mesh
+
+
+def distance_to_surface(points: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """Euclidean distance (mm) of each of ``points`` (N, 3) to the nearest point of ``mesh``'s triangles (not only
+    its vertices), (N,): VTK's implicit polydata distance."""
+    distance = vtkImplicitPolyDataDistance()
+    distance.SetInput(mesh_to_polydata(mesh))
+    signed = vtkDoubleArray()
+    distance.FunctionValue(numpy_support.numpy_to_vtk(np.ascontiguousarray(points, dtype=np.float64), deep=True),
+                           signed)
+    return np.abs(numpy_support.vtk_to_numpy(signed))

@@ -38,12 +38,11 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction, ignore_background, prepare_spacing
 from monai.utils import MetricReduction
-from vtkmodules.util import numpy_support
-from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkPoints
-from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
-from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance
 
-from geomed import Image, Measure, Mesh, grid_sinkhorn_divergence, mask_to_mesh
+from geomed import Image, Measure, grid_sinkhorn_divergence, mask_to_mesh
+from geomed.surface import distance_to_surface
+
+from ._conventions import _plain
 
 __all__ = ["MeshSurfaceDistanceMetric", "SinkhornDistanceMetric"]
 
@@ -309,18 +308,13 @@ class MeshSurfaceDistanceMetric(_MaskDistanceMetric):
             samples = [Measure.from_mesh(mesh, lumped=True, dtype=torch.float64) for mesh in meshes]
             points = [sample.points.numpy() for sample in samples]
             weights = [sample.weights.numpy() for sample in samples]
-            directed = [_distances_to_surface(points[0], meshes[1]), _distances_to_surface(points[1], meshes[0])]
+            directed = [distance_to_surface(points[0], meshes[1]), distance_to_surface(points[1], meshes[0])]
             if self.distance_metric == "mean":
                 total = sum(float(w @ d) for w, d in zip(weights, directed))
                 distances.append(total / sum(float(w.sum()) for w in weights))
             else:
                 distances.append(max(_weighted_percentile(d, w, self.percentile) for d, w in zip(directed, weights)))
         return torch.tensor(distances, dtype=torch.float64)
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A MetaTensor as a plain tensor (same storage): the metrics need no metadata tracking."""
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
 def _item_affines(y_pred: torch.Tensor, y: torch.Tensor, spacing: Any) -> list[np.ndarray]:
@@ -361,23 +355,6 @@ def _bounding_box(masks: torch.Tensor) -> tuple[slice, ...]:
         index = torch.nonzero(occupied.any(others) if others else occupied).flatten()
         box.append(slice(int(index[0]), int(index[-1]) + 1))
     return tuple(box)
-
-
-def _distances_to_surface(points: np.ndarray, mesh: Mesh) -> np.ndarray:
-    """Euclidean distance (mm) of each of ``points`` (N, 3) to the nearest point of ``mesh``'s triangles, (N,)."""
-    polydata = vtkPolyData()
-    vertices = vtkPoints()
-    vertices.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(mesh.vertices, dtype=np.float64), deep=True))
-    polydata.SetPoints(vertices)
-    triangles = vtkCellArray()
-    connectivity = np.ascontiguousarray(mesh.triangles, dtype=np.int64).reshape(-1)
-    triangles.SetData(3, numpy_support.numpy_to_vtkIdTypeArray(connectivity, deep=True))
-    polydata.SetPolys(triangles)
-    distance = vtkImplicitPolyDataDistance()
-    distance.SetInput(polydata)
-    signed = vtkDoubleArray()
-    distance.FunctionValue(numpy_support.numpy_to_vtk(np.ascontiguousarray(points), deep=True), signed)
-    return np.abs(numpy_support.vtk_to_numpy(signed))
 
 
 def _weighted_percentile(values: np.ndarray, weights: np.ndarray, percentile: float | None) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geomed import Image, Measure, datasets, mask_to_mesh
+from geomed import Image, Measure, Mesh, datasets, mask_to_mesh
 from geomed.morphometry import volume
 
 
@@ -96,3 +96,13 @@ def test_bad_input():
         mask_to_mesh(brain.array, 40)
     with pytest.raises(ValueError, match="scalar image"):
         mask_to_mesh(Image(np.zeros((2, 2, 2, 3)), np.eye(4)))
+
+
+def test_distance_to_surface_measures_to_triangles_not_vertices():
+    """A unit square of two triangles: above its middle the distance is the height (the nearest vertex is farther),
+    beside it the distance to the edge."""
+    from geomed.surface import distance_to_surface
+
+    square = Mesh(np.array([[0.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]]), np.array([[0, 1, 2], [0, 2, 3]]))
+    points = np.array([[0.5, 0.5, 2.0], [2.0, 0.5, 0.0], [0.25, 0.5, -0.5]])
+    np.testing.assert_allclose(distance_to_surface(points, square), [2.0, 1.0, 0.5], atol=1e-12)
