@@ -12,7 +12,7 @@ from geomed import grid_sinkhorn_divergence
 from geomed.grid_kernels import grid_boundary_distance
 from monai_losses import BoundaryKernelLoss, DiceSinkhornLoss, SinkhornSegmentationLoss
 
-CONVERGED = dict(tol=1e-5, max_iter=2000, blur=3.0)
+CONVERGED = dict(tol=1e-5, max_iter=2000, blur=3.0, reach=None)
 
 
 def _disk(shape, centre, radius):
