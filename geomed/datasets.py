@@ -8,6 +8,7 @@ Everything loads in world RAS millimetres, with label names attached to label ma
 ['A', 'B', 'C']
 >>> brain = datasets.brain_labels("9861")          # Image with label_names
 >>> femur = datasets.femur(1)                      # Mesh with cartilage thickness (mm)
+>>> t1, labels = datasets.mni_hippocampi()         # MNI T1 crop and its hippocampus labels, same grid
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ def brain_labels(donor: str | int) -> Image:
     donor = str(donor)
     _check(donor, BRAIN_DONORS, "brain donor")
     return _with_present_names(read_image(_data_file("brain", f"{donor}.nii.gz")), brain_label_names())
+
+
+def mni_hippocampi() -> tuple[Image, Image]:
+    """T1 MRI of the ICBM152 2009a template cropped around both hippocampi, with their label map.
+
+    A 92×53×52 box of the 1 mm MNI152 2009a symmetric template (uint8 intensities), the bounding box of the two
+    hippocampi plus a 6 mm margin, and the Desikan-Killiany atlas on the same grid restricted to the left (40) and
+    right (81) hippocampus: a small real image-and-segmentation pair for training networks in tests and tutorials.
+    Made by ``tools/make_mni_hippocampi.py``; see :func:`attribution` for the MNI copyright notice.
+
+    Returns
+    -------
+    t1 : Image
+        uint8 T1 intensities (0–255), affine voxel → RAS mm.
+    labels : Image
+        uint8 label map with the same affine; ``label_names`` ``{40: "left_hippocampus", 81: "right_hippocampus"}``.
+    """
+    t1 = read_image(_data_file("brain", "mni_hippocampi_t1.nii.gz"))
+    labels = read_image(_data_file("brain", "mni_hippocampi_labels.nii.gz"))
+    return t1, _with_present_names(labels, brain_label_names())
 
 
 def knee_labels(name: str) -> Image:

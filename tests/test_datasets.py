@@ -57,6 +57,22 @@ def test_heart_myocardium_volume_matches_source(part, millilitres):
     assert {"fiber", "sheet"} <= set(heart.cell_data)
 
 
+def test_mni_hippocampi():
+    t1, labels = datasets.mni_hippocampi()
+    assert t1.shape == labels.shape == (92, 53, 52)
+    assert t1.array.dtype == labels.array.dtype == np.uint8
+    np.testing.assert_array_equal(t1.affine, labels.affine)
+    np.testing.assert_allclose(t1.spacing, 1.0)
+    assert dict(labels.label_names) == {40: "left_hippocampus", 81: "right_hippocampus"}
+    assert sorted(np.unique(labels.array).tolist()) == [0, 40, 81]
+    hippocampi = Measure.from_labels(labels, ["left_hippocampus", "right_hippocampus"])
+    for name, side in (("left_hippocampus", -1), ("right_hippocampus", 1)):
+        assert 6.0 < float(hippocampi[name].total_mass) / 1000 < 7.5
+        assert side * float(hippocampi[name].points[:, 0].mean()) > 20, "RAS: left is x < 0"
+    assert t1.array.max() > 200 and np.unique(t1.array).size > 100
+    assert "Copyright (C) 1993–2009 Louis Collins" in datasets.attribution(), "the MNI licence needs its notice"
+
+
 @pytest.mark.parametrize(
     "loader, argument, match",
     [
@@ -122,3 +138,21 @@ def test_meshes_are_the_originals(shared_data, loader, argument, source):
     np.testing.assert_array_equal(ours.triangles, full.triangles)
     for name, values in ours.point_data.items():
         np.testing.assert_array_equal(values, full.point_data[name])
+
+
+def test_mni_hippocampi_crop_is_the_original(shared_data):
+    t1, labels = datasets.mni_hippocampi()
+    full_t1 = read_image(shared_data / "brain" / "mni152_2009a" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    atlas = read_image(shared_data / "brain" / "mni_dk_atlas.nii.gz")
+    index = np.indices(t1.shape).reshape(3, -1).T
+    world = t1.index_to_world(index)
+    in_t1 = np.rint(full_t1.world_to_index(world)).astype(int)
+    in_atlas = np.rint(atlas.world_to_index(world)).astype(int)
+    for full, inside in ((full_t1, in_t1), (atlas, in_atlas)):
+        assert (inside >= 0).all() and (inside < full.shape).all(), "the crop lies inside the original grid"
+        np.testing.assert_allclose(full.index_to_world(inside), world, atol=1e-6)
+    np.testing.assert_array_equal(t1.array[tuple(index.T)], full_t1.array[tuple(in_t1.T)])
+    original = atlas.array[tuple(in_atlas.T)]
+    np.testing.assert_array_equal(labels.array[tuple(index.T)], np.where(np.isin(original, [40, 81]), original, 0))
+    for label in (40, 81):
+        assert (labels.array == label).sum() == (atlas.array == label).sum(), "the crop holds the whole hippocampus"

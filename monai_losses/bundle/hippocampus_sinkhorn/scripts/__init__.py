@@ -1,0 +1,1 @@
+"""Helpers of the hippocampus_sinkhorn bundle, imported by its configs as a module of the installed package."""
