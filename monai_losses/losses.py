@@ -49,8 +49,9 @@ class SinkhornSegmentationLoss(_Loss):
     only how much overlaps: a prediction displaced by t mm costs about t²/2 (mm²), whether or not it overlaps
     the target — Dice and cross-entropy are flat there.
 
-    * Unbalanced (``reach`` in mm, default 10): both are divided by the target's mass, so the value is per unit of
-      target volume for every structure size, and a volume difference is seen as the mass ratio; mass missing or
+    * Unbalanced (``reach`` in mm, default 10): both are divided by the mean of their masses, so the value is per
+      unit of volume for every structure size (and stays bounded when a random crop holds only a sliver of the
+      target), and a volume difference is seen as the mass ratio; mass missing or
       in excess costs about reach² / 2 per unit instead of being transported further than the reach —
       false-positive blobs and the diffuse tails of a softmax far from the structure are paid for locally, not
       dragged across the image. This is also what makes the default early stop accurate (below).
@@ -148,7 +149,8 @@ class SinkhornSegmentationLoss(_Loss):
                 continue
             a, b = prediction[pairs], reference[pairs]
             if self.reach is not None:
-                scale = reference_mass[pairs].reshape(-1, *[1] * len(spatial))
+                mean_mass = 0.5 * (a.flatten(1).sum(-1) + reference_mass[pairs])
+                scale = mean_mass.reshape(-1, *[1] * len(spatial))
                 a, b = a / scale, b / scale
             result = grid_sinkhorn_divergence(
                 a.unsqueeze(0), b.unsqueeze(0), blur=self.blur, spacing=spacing, reach=self.reach,

@@ -69,7 +69,8 @@ def test_values_equal_geomed_called_directly(reach, dims):
     value = loss(logits, labels)
     probabilities = logits.softmax(1)
     target = torch.nn.functional.one_hot(labels[:, 0].long(), 3).movedim(-1, 1).float()
-    scale = target.flatten(2).sum(-1).reshape(2, 3, *[1] * dims) if reach is not None else 1.0
+    mean_mass = 0.5 * (probabilities.flatten(2).sum(-1) + target.flatten(2).sum(-1))
+    scale = mean_mass.reshape(2, 3, *[1] * dims) if reach is not None else 1.0
     expected = grid_sinkhorn_divergence(probabilities / scale, target / scale, blur=1.5, reach=reach, scaling=0.5,
                                         tol=None, max_iter=0).value
     assert value.shape == (2, 3, *[1] * dims)

@@ -11,12 +11,10 @@ hippocampus or background voxels, augmented by MONAI (small rotations and scalin
 scaling), once per loss, from the same initial weights and on the same crops:
 
 ``dice``           ``monai.losses.DiceLoss(softmax=True, to_onehot_y=True)``
-``dice_sinkhorn``  ``monai_losses.losses.DiceSinkhornLoss(softmax=True, to_onehot_y=True, blur=2.0, reach=None,
-                   lambda_sinkhorn=0.1)``: the same Dice plus 0.1 × the balanced, debiased Sinkhorn divergence
-                   (mm², blur 2 mm) between each predicted and true class, seen as measures on the voxel grid, so a
-                   misplaced voxel costs by how far it is from the true shape. Balanced, because the loss's
-                   unbalanced default (``reach=10``) divides by the target's mass: on random crops that hold a
-                   sliver of hippocampus it spikes to 10²–10³, and early in training it empties the prediction.
+``dice_sinkhorn``  ``monai_losses.losses.DiceSinkhornLoss(softmax=True, to_onehot_y=True, blur=2.0)``: the same
+                   Dice plus 0.1 × the debiased, unbalanced Sinkhorn divergence (mm², blur 2 mm, reach 10 mm)
+                   between each predicted and true class, seen as measures on the voxel grid, so a misplaced voxel
+                   costs by how far it is from the true shape.
 
 Every ``--val-every`` iterations the network segments the whole crop in one pass and MONAI's ``DiceMetric``
 and ``HausdorffDistanceMetric`` (95th percentile, mm) score the hippocampi. There is a single image, so this
@@ -96,7 +94,7 @@ def make_loss(name: str) -> torch.nn.Module:
     if name == "dice":
         return DiceLoss(softmax=True, to_onehot_y=True)
     if name == "dice_sinkhorn":
-        return DiceSinkhornLoss(softmax=True, to_onehot_y=True, blur=2.0, reach=None, lambda_sinkhorn=0.1)
+        return DiceSinkhornLoss(softmax=True, to_onehot_y=True, blur=2.0)
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
 
 
