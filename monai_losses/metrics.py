@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import abstractmethod
 from typing import Any
 
 import numpy as np
@@ -115,10 +116,10 @@ class _MaskDistanceMetric(CumulativeIterationMetric):
             values[items, channels] = self._pair_distances(*pairs, [affines[i] for i in items.tolist()]).float().cpu()
         return values.to(y_pred.device)
 
+    @abstractmethod
     def _pair_distances(self, pred: torch.Tensor, truth: torch.Tensor, affines: list[np.ndarray]) -> torch.Tensor:
         """Distances (K,) in mm between K non-empty mask pairs ``pred``, ``truth`` (K, *spatial) (bool), the k-th
         on the grid whose voxel index → world mm map is ``affines[k]`` (D + 1, D + 1)."""
-        raise NotImplementedError
 
     def aggregate(
         self, reduction: MetricReduction | str | None = None
