@@ -47,7 +47,7 @@ def _compare(value, reference, a: Measure, b: Measure, normals: bool, rtol: floa
     inputs = [a.points, b.points, a.weights, b.weights] + ([a.normals, b.normals] if normals else [])
     gradients = torch.autograd.grad(value, inputs)
     expected = torch.autograd.grad(reference, inputs)
-    assert float(value) == pytest.approx(float(reference), rel=rtol)
+    assert float(value.detach()) == pytest.approx(float(reference), rel=rtol)
     for got, want in zip(gradients, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
 
