@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
 import numpy as np
+import torch
 
 
 def frozen_array(value: object, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
@@ -40,3 +42,20 @@ def frozen_arrays(arrays: Mapping[str, object] | None, name: str, length: int, w
             )
         frozen[key] = array
     return MappingProxyType(frozen)
+
+
+def dense_grid_pair(a: object, b: object, spacing: object) -> tuple[float, ...]:
+    """Check two dense weight tensors (B, C, *spatial) on one 2-D or 3-D grid; return the spacing (mm per axis,
+    default 1)."""
+    for name, weights in (("a", a), ("b", b)):
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (B, C, *spatial), got {type(weights).__name__}")
+        if weights.dim() not in (4, 5):
+            raise ValueError(f"{name} must have shape (B, C, H, W) or (B, C, H, W, D), got {tuple(weights.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must lie on one grid with the same (B, C), got {tuple(a.shape)} and {tuple(b.shape)}")
+    dim = a.dim() - 2
+    spacing = (1.0,) * dim if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != dim or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be {dim} positive numbers of mm, got {spacing!r}")
+    return spacing

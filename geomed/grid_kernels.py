@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._validation import dense_grid_pair
+
 BOUNDARY_KINDS = ("current", "unoriented")
 
 
@@ -77,17 +79,7 @@ def grid_boundary_distance(
         raise ValueError(f"blur must be a positive number of mm, got {blur!r}")
     if not 0 < truncate < 1:
         raise ValueError(f"truncate must be in (0, 1), got {truncate!r}")
-    for name, mask in (("a", a), ("b", b)):
-        if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor (B, C, *spatial), got {type(mask).__name__}")
-        if mask.dim() not in (4, 5):
-            raise ValueError(f"{name} must have shape (B, C, H, W) or (B, C, H, W, D), got {tuple(mask.shape)}")
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must lie on one grid with the same (B, C), got {tuple(a.shape)} and {tuple(b.shape)}")
-    dim = a.dim() - 2
-    spacing = (1.0,) * dim if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != dim or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be {dim} positive numbers of mm, got {spacing!r}")
+    spacing = dense_grid_pair(a, b, spacing)
     with torch.autocast(device_type=a.device.type, enabled=False):
         a, b = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a, b.to(a.dtype)
         features_a = _boundary_features(a, spacing, kind)

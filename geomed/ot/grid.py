@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .._validation import dense_grid_pair
 from ..measure import Measure
 from .result import OTResult
 
@@ -403,17 +404,8 @@ def grid_sinkhorn_divergence(
     _check_arguments(blur, p, scaling, "grid", tol, max_iter, diameter)
     if p != 2:
         raise ValueError(f"p must be 2 on a grid (|x−y|^p does not factorise over the axes for p={p})")
-    for name, weights in (("a", a), ("b", b)):
-        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor (B, C, *spatial), got {type(weights).__name__}")
-        if weights.dim() not in (4, 5):
-            raise ValueError(f"{name} must have shape (B, C, H, W) or (B, C, H, W, D), got {tuple(weights.shape)}")
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must lie on one grid with the same (B, C), got {tuple(a.shape)} and {tuple(b.shape)}")
+    spacing = dense_grid_pair(a, b, spacing)
     shape = tuple(a.shape[2:])
-    spacing = (1.0,) * len(shape) if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != len(shape) or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be {len(shape)} positive numbers of mm, got {spacing!r}")
     batch_shape = tuple(a.shape[:2])
     flat = []
     for name, weights in (("a", a), ("b", b)):
