@@ -3,7 +3,7 @@
 # GeomLoss forward+backward at 10k (float64 references) and 100k. GeomLoss's KeOps backends run only where geomed's
 # probe finds a working KeOps (a broken KeOps build can crash the process).
 # Then the kernel losses (benchmarks/kernels.py), the grid Sinkhorn (benchmarks/grid.py) and the MONAI losses
-# (benchmarks/monai_losses.py).
+# (benchmarks/monai_losses.py, after the losses' CUDA tests). GRID_SIZES (default "64 128 256") sets the grid sizes.
 # Usage: benchmarks/gpu.sh OUT_DIR [SECTION ...], sections: rates sinkhorn kernels grid monai (default: all). Inputs
 # are cached in build/benchmark-inputs by CPU runs of the benchmarks, since the GPU machine may lack VTK/SimpleITK.
 set -u
@@ -56,7 +56,7 @@ if wants grid; then
   # benchmarks/grid.py's blobs on the GPU: geomed's grid Sinkhorn and GeomLoss's image solver, fwd+bwd, one run each
   # after a warm-up at 16³ (a 256³ pair is the issue's memory goal).
   timeout 240 python3 - <<'PY' | tee "$out/grid.txt"
-import sys, time, torch
+import os, sys, time, torch
 sys.path.insert(0, "benchmarks")
 from grid import _densities
 from geomed import grid_sinkhorn_divergence
@@ -76,7 +76,7 @@ for library in ("geomed", "geomloss"):
         run(library, 16)
     except Exception as error:
         print(library, "unavailable:", repr(error)[:200]); continue
-    for size in (64, 128, 256):
+    for size in [int(size) for size in os.environ.get("GRID_SIZES", "64 128 256").split()]:
         try:
             seconds, value, memory = run(library, size)
             print(f"{library:8s} {size}^3 fwd+bwd {seconds:8.3f} s  value {value:.6f} mm2  peak GPU {memory:8.0f} MB", flush=True)
@@ -85,5 +85,8 @@ for library in ("geomed", "geomloss"):
 PY
 fi
 if wants monai; then
-  timeout 240 python3 benchmarks/monai_losses.py --device cuda --shapes 2x64 1x128 | tee "$out/monai_losses.txt"
+  # the losses' CUDA tests (GPU value and gradient = CPU's, bf16 autocast), then the timings
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_monai_losses.py -k cuda 2>&1 | tee "$out/monai_cuda_tests.txt"
+  timeout 300 python3 benchmarks/monai_losses.py --device cuda --shapes 2x64 1x128 --losses sinkhorn sinkhorn-balanced \
+    dice-sinkhorn boundary-kernel monai-dice monai-hausdorff monai-boundary sinkhorn-converged | tee "$out/monai_losses.txt"
 fi

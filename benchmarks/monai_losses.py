@@ -118,13 +118,16 @@ def main() -> None:
         print(json.dumps(_run(name, int(batch), int(size), device, int(repeats))))
         return
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"forward + backward, best of {args.repeats}, on {card}; ratios = loss time / sinkhorn time")
+    print(f"forward + backward, best of {args.repeats}, on {card}; ratio = time / sinkhorn time")
     print(f"{'inputs':>14} {'loss':>18} {'fwd+bwd':>9} {'value':>10} {'ratio':>7} {'peak MB':>8}")
     for shape in args.shapes:
         batch, size = (int(part) for part in shape.split("x"))
-        rows = [row for name in args.losses if (row := _subprocess(name, batch, size, args.device, args.repeats))]
-        reference = next((row["seconds"] for row in rows if row["loss"] == "sinkhorn"), None)
-        for row in rows:
+        reference = None
+        for name in args.losses:
+            row = _subprocess(name, batch, size, args.device, args.repeats)
+            if row is None:
+                continue
+            reference = row["seconds"] if name == "sinkhorn" else reference
             ratio = f"{row['seconds'] / reference:>7.2f}" if reference else f"{'-':>7}"
             print(f"{f'({batch}, 3, {size}³)':>14} {row['loss']:>18} {row['seconds']:>8.3f}s {row['value']:>10.4g} "
                   f"{ratio} {row['peak_mb']:>8.0f}", flush=True)

@@ -195,12 +195,12 @@ def test_pyramid_levels_conserve_mass_on_odd_grids():
     the total mass, and places coarse voxels at the mean of their members."""
     shape, spacing = (37, 1, 20), (0.5, 2.0, 1.5)
     generator = torch.Generator().manual_seed(1)
-    log_a = torch.rand(2, 37 * 20, generator=generator, dtype=torch.float64).log()
-    pyramid = GridPyramid(None, None, log_a, log_a, shape, spacing, lambda eps, side: 1.0)
+    alpha = torch.rand(2, 37 * 20, generator=generator, dtype=torch.float64)
+    pyramid = GridPyramid(None, None, alpha, alpha, shape, spacing, lambda eps, side: 1.0)
     sizes = [tuple(len(c) for c in coordinates) for coordinates, _, _ in pyramid.levels]
     assert sizes == [(37, 1, 20), (19, 1, 10), (10, 1, 5)] and pyramid.level == 2
     coordinates, coarse_a, _ = pyramid.levels[1]
-    torch.testing.assert_close(coarse_a.exp().sum(-1), log_a.exp().sum(-1))
+    torch.testing.assert_close(coarse_a.exp().sum(-1), alpha.sum(-1))
     torch.testing.assert_close(coordinates[0][:2], torch.tensor([0.25, 1.25], dtype=torch.float64))
     assert float(coordinates[0][-1]) == 18.0 and pyramid.cells == [0.0, 3.0, 6.0]
 

@@ -247,6 +247,27 @@ def test_autocast_gives_the_float32_value(dtype):
     assert torch.isfinite(value) and float(value.detach()) == pytest.approx(float(reference), rel=0.05)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loss_class", [SinkhornSegmentationLoss, DiceSinkhornLoss, BoundaryKernelLoss])
+def test_cuda_gives_the_cpu_value_and_gradient(loss_class):
+    """On a GPU (float64 block products of the grid softmin, boundary kernels): the CPU's value and gradient on 3-D,
+    anisotropic inputs, and a finite value close to it under bf16 autocast."""
+    logits, labels = _pair(3)
+    loss = loss_class(softmax=True, to_onehot_y=True, spacing=(1.0, 1.2, 0.8))
+    results = []
+    for device in ("cpu", "cuda"):
+        inputs = logits.detach().to(device).requires_grad_()
+        value = loss(inputs, labels.to(device))
+        value.backward()
+        results.append((value.detach().cpu(), inputs.grad.cpu()))
+    (cpu_value, cpu_gradient), (cuda_value, cuda_gradient) = results
+    torch.testing.assert_close(cuda_value, cpu_value, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(cuda_gradient, cpu_gradient, rtol=1e-3, atol=1e-5 * float(cpu_gradient.abs().max()))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        value = loss(logits.cuda().to(torch.bfloat16), labels.cuda())
+    assert torch.isfinite(value) and float(value) == pytest.approx(float(cpu_value), rel=0.05)
+
+
 # ------------------------------------------------------------------ MONAI's checks and warnings
 
 

@@ -109,16 +109,16 @@ class GridPyramid:
     order = None
     kept = 1.0
 
-    def __init__(self, x, y, log_a, log_b, shape: Sequence[int], spacing: Sequence[float], damping):
+    def __init__(self, x, y, alpha, beta, shape: Sequence[int], spacing: Sequence[float], damping):
         self.damping = damping
         self._fine = (x, y)
         coordinates = [torch.arange(int(n), dtype=torch.float64) * float(s) for n, s in zip(shape, spacing)]
-        self.levels = [(coordinates, log_a, log_b)]
+        self.levels = [(coordinates, alpha.log(), beta.log())]
         self.cells = [0.0]
         while max(len(c) for c in coordinates) > _COARSEST:
-            log_a, log_b = (_pool_log_weights(w, [len(c) for c in coordinates]) for w in (log_a, log_b))
+            alpha, beta = (_pool_weights(w, [len(c) for c in coordinates]) for w in (alpha, beta))
             coordinates = [_pool_coordinates(c) for c in coordinates]
-            self.levels.append((coordinates, log_a, log_b))
+            self.levels.append((coordinates, alpha.log(), beta.log()))
             self.cells.append(max(float(c[1] - c[0]) for c in coordinates if len(c) > 1))
         self.level = len(self.levels) - 1
         self._set_softmins()
@@ -172,17 +172,16 @@ def _pool_coordinates(coordinates: torch.Tensor) -> torch.Tensor:
     return merged
 
 
-def _pool_log_weights(log_weights: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    """log of the summed weights of each 2 × … × 2 block, (B, N) → (B, N_coarse)."""
-    field = log_weights.reshape(log_weights.shape[0], *shape)
+def _pool_weights(weights: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The summed weights of each 2 × … × 2 block, (B, N) → (B, N_coarse)."""
+    field = weights.reshape(weights.shape[0], *shape)
     for axis, length in enumerate(shape, start=1):
         if length == 1:
             continue
         if length % 2:
-            pad = field.new_full((*field.shape[:axis], 1, *field.shape[axis + 1 :]), -math.inf)
-            field = torch.cat([field, pad], axis)
-        field = field.unflatten(axis, (-1, 2)).logsumexp(axis + 1)
-    return field.reshape(log_weights.shape[0], -1)
+            field = torch.cat([field, field.new_zeros((*field.shape[:axis], 1, *field.shape[axis + 1 :]))], axis)
+        field = field.unflatten(axis, (-1, 2)).sum(axis + 1)
+    return field.reshape(weights.shape[0], -1)
 
 
 def _axis_logsumexp(field: torch.Tensor, axis: int, rows: torch.Tensor, cols: torch.Tensor,
@@ -190,37 +189,41 @@ def _axis_logsumexp(field: torch.Tensor, axis: int, rows: torch.Tensor, cols: to
     r"""out[..., i, ...] = log Σ_j exp(field[..., j, ...] − (r_i − c_j)²/2ε) along ``axis``; lines of −∞ stay −∞.
 
     An exact log-domain reduction computed as matrix products. The output rows are cut into blocks of
-    neighbouring voxels with centre :math:`\rho`; for a block,
+    neighbouring voxels with centre :math:`\rho`; with :math:`\bar c` the middle of the columns' range,
+    :math:`(\rho - c)^2 - (r - c)^2 = (\rho - r)(\rho + r - 2\bar c) + 2 (r - \rho)(c - \bar c)`, so for a block
 
     .. math:: \log \sum_j e^{h_j - (r_i - c_j)^2/2\varepsilon}
-              = m + \log \sum_j \underbrace{e^{u_j - m}}_{\le 1}\;
-                \underbrace{e^{[(\rho - c_j)^2 - (r_i - c_j)^2]/2\varepsilon}}_{G_{ij}},
-        \qquad u_j = h_j - (\rho - c_j)^2/2\varepsilon,\; m = \max_j u_j,
+              = m + a_i + \log \sum_j \underbrace{e^{u_j - m}}_{\le 1}\;
+                \underbrace{e^{(r_i - \rho)(c_j - \bar c)/\varepsilon}}_{G_{ij}},
+        \qquad u_j = h_j - (\rho - c_j)^2/2\varepsilon,\; m = \max_j u_j,\;
+        a_i = (\rho - r_i)(\rho + r_i - 2\bar c)/2\varepsilon,
 
     so one exponential per (line, block, column) and one product with the fixed matrix G per block, instead of
-    one exponential per (line, row, column). The blocks are narrow enough that
-    :math:`|\log G_{ij}| \le` ``_BOUND`` (300): the sum is at least :math:`e^{-300}` (the term of the maximal
-    :math:`u_j`), so in float64 nothing that matters underflows, and the clamp of :math:`u_j - m` at −700 (kept
-    off the slow denormal path of ``exp``) changes the result by less than :math:`L e^{-100}` relative. Large
-    blurs give one block (a plain per-line stabilised product); at blurs far below the grid's extent the blocks
-    shrink to single rows — the direct log-sum-exp. ``field`` is float64.
+    one exponential per (line, row, column). The blocks are as wide as :math:`|\log G_{ij}| \le` ``_BOUND`` (200)
+    allows — a half-width of 2 ``_BOUND`` ε / (the columns' extent): the sum is at least :math:`e^{-200}` (the
+    term of the maximal :math:`u_j`), so in float64 nothing that matters underflows, and the clamp of
+    :math:`u_j - m` at ``_CLAMP`` (−460, which keeps every product of the GEMM above the slow denormals) changes
+    the result by less than :math:`L e^{-60}` relative. Large blurs give one block (a plain per-line stabilised
+    product); at blurs far below the grid's extent the blocks shrink to single rows — the direct log-sum-exp.
+    ``field`` is float64.
     """
     before, length, after = math.prod(field.shape[:axis]), field.shape[axis], math.prod(field.shape[axis + 1 :])
     lines = field.reshape(before, length, after)
     rows, cols = rows.to(field.device, torch.float64), cols.to(field.device, torch.float64)
-    size = _block_size(rows, cols, eps)
-    divisor = max(k for k in range(1, size + 1) if len(rows) % k == 0)
-    size = divisor if 2 * divisor >= size else size
-    blocks = -(-len(rows) // size)
+    blocks = -(-len(rows) // _block_size(rows, cols, eps))
+    size = -(-len(rows) // blocks)
     index = torch.arange(blocks * size, device=field.device).clamp_max(len(rows) - 1).view(blocks, size)
     block_rows = rows[index]
     centres = 0.5 * (block_rows[:, :1] + block_rows[:, -1:])
+    middle = 0.5 * (cols[0] + cols[-1])
     shift = (centres - cols).square_().div_(2 * eps)
-    kernel = (shift.unsqueeze(1) - (block_rows.unsqueeze(-1) - cols).square_().div_(2 * eps)).exp_()
+    kernel = ((block_rows - centres).unsqueeze(-1) * (cols - middle) / eps).exp_()
+    offsets = ((centres - block_rows) * (centres + block_rows - 2 * middle) / (2 * eps)).reshape(-1)
     budget = _GPU_TILE_ENTRIES if field.is_cuda else _TILE_ENTRIES
     chunk = max(1, budget // (blocks * length * after))
     parts = [_blocked_products(lines[start : start + chunk], shift, kernel) for start in range(0, before, chunk)]
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    out = out.add_(offsets.unsqueeze(-1))
     out = out if blocks * size == len(rows) else out[:, : len(rows)]
     return out.reshape(*field.shape[:axis], len(rows), *field.shape[axis + 1 :])
 
@@ -248,10 +251,9 @@ def _stabilised_exp(logits: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
 
 
 def _block_size(rows: torch.Tensor, cols: torch.Tensor, eps: float) -> int:
-    """The most output rows per block (consecutive, ascending ``rows``) with |log G| ≤ ``_BOUND`` in every block:
-    |log G_ij| = |ρ − r_i| |ρ + r_i − 2c_j| / 2ε ≤ (half width) · (extent of rows and columns) / ε."""
-    both = torch.cat([rows, cols])
-    half_width = _BOUND * eps / max(float(both.amax() - both.amin()), 1e-300)
+    """The most output rows per block (consecutive, ascending ``rows``; ascending ``cols``) with |log G| ≤
+    ``_BOUND`` in every block: |log G_ij| = |r_i − ρ| |c_j − c̄| / ε ≤ (half width) · (extent of the columns) / 2ε."""
+    half_width = 2 * _BOUND * eps / max(float(cols[-1] - cols[0]), 1e-300)
     size = len(rows)
     while size > 1:
         starts = torch.arange(0, len(rows), size)
@@ -421,8 +423,10 @@ def grid_sinkhorn_divergence(
         flat.append(weights)
     dtype = torch.promote_types(a.dtype, b.dtype)
     dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    axes = [torch.arange(n, dtype=dtype, device=a.device) * s for n, s in zip(shape, spacing)]
-    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, len(shape))
+    axes = [(torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, len(shape)).to(a.device, dtype)
+    if diameter is None:
+        diameter = max(math.hypot(*[(n - 1) * s for n, s in zip(shape, spacing)]), blur)
     points = centres.expand(len(flat[0]), -1, -1)
     return _solve_tensors(points, flat[0], points, flat[1], grid=DenseGrid(shape, spacing), batch_shape=batch_shape,
                           blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend="grid", tol=tol,

@@ -35,8 +35,8 @@ class _PlanItem:
     softmin_yx: Softmin
     x: torch.Tensor
     y: torch.Tensor
-    log_a: torch.Tensor
-    log_b: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
     f: torch.Tensor
     g: torch.Tensor
     order_x: torch.Tensor | None
@@ -46,23 +46,23 @@ class _PlanItem:
 
     def apply(self, eps: float, values: torch.Tensor, transpose: bool) -> torch.Tensor:
         """π values (B, M, K) → (B, N, K) (or πᵀ), values and result in input order."""
-        x, y, f, g, log_a, log_b, softmin = self.x, self.y, self.f, self.g, self.log_a, self.log_b, self.softmin_xy
+        x, y, f, g, alpha, beta, softmin = self.x, self.y, self.f, self.g, self.alpha, self.beta, self.softmin_xy
         order_x, order_y, support_x, support_y = self.order_x, self.order_y, self.support_x, self.support_y
         if transpose:
-            x, y, f, g, log_a, log_b, softmin = y, x, g, f, log_b, log_a, self.softmin_yx
+            x, y, f, g, alpha, beta, softmin = y, x, g, f, self.beta, self.alpha, self.softmin_yx
             order_x, order_y, support_x, support_y = order_y, order_x, support_y, support_x
         if order_y is not None:
             values = torch.gather(values, 1, order_y.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
         if support_y is not None:
             values = values.new_zeros(values.shape[0], y.shape[1], values.shape[-1]).index_copy_(1, support_y, values)
-        h = log_b + g / eps
+        h = beta.log() + g / eps
         reduced = softmin(eps, x, y, h)
-        result = torch.exp(log_a + (f - reduced) / eps).unsqueeze(-1) * softmin.average(eps, x, y, h, reduced, values)
+        result = torch.exp(alpha.log() + (f - reduced) / eps).unsqueeze(-1) * softmin.average(eps, x, y, h, reduced, values)
         return self._to_input(result, order_x, support_x)
 
     def barycentric_map(self, eps: float) -> torch.Tensor:
         """T(x_i) (B, N, D) in input order, in the solver's (centred) frame."""
-        h = self.log_b + self.g / eps
+        h = self.beta.log() + self.g / eps
         reduced = self.softmin_xy(eps, self.x, self.y, h)
         mapped = self.softmin_xy.average(eps, self.x, self.y, h, reduced, self.y)
         return self._to_input(mapped, self.order_x, self.support_x)

@@ -256,7 +256,9 @@ def sinkhorn_divergence(
         iterations. The value is a maximum over the potentials, so its error is second order in theirs: the
         default 1e-2 keeps it within 0.1% of the converged value (see ``tests/test_sinkhorn.py``).
     max_iter : int
-        Cap on the iterations at the final blur (after the ε-scaling steps).
+        Cap on the iterations at the final blur (after the ε-scaling steps). With ``max_iter=0`` the solve stops at
+        the end of the ε-scaling and the value is read off the potentials extrapolated to the input points
+        (GeomLoss's "last extrapolation"): the fastest, least accurate setting, for losses in training loops.
     diameter : float, optional
         Largest distance between points (mm), the first blur of the schedule; default: the diagonal of the
         bounding box of both measures.
@@ -322,11 +324,15 @@ def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | DenseGrid | None, ba
         alpha = alpha / alpha.sum(-1, keepdim=True)
         beta = beta / beta.sum(-1, keepdim=True)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        center = torch.cat([x, y], dim=1).detach().mean(dim=1, keepdim=True)
-        x, y = x - center, y - center
+        if isinstance(grid, DenseGrid):  # voxel centres built about the grid's middle (grid_sinkhorn_divergence)
+            center = x.new_zeros(x.shape[0], 1, x.shape[-1])
+        else:
+            center = (x.detach().sum(1, keepdim=True) + y.detach().sum(1, keepdim=True)) / (x.shape[1] + y.shape[1])
+            x, y = x - center, y - center
         if diameter is None:
-            both = torch.cat([x, y], dim=1).detach()
-            diameter = max(float((both.amax(1) - both.amin(1)).norm(dim=-1).max()), blur)
+            upper = torch.maximum(x.detach().amax(1), y.detach().amax(1))
+            lower = torch.minimum(x.detach().amin(1), y.detach().amin(1))
+            diameter = max(float((upper - lower).norm(dim=-1).max()), blur)
         name = "grid" if grid is not None else _choose_backend(backend, x.shape[1], y.shape[1], x.shape[-1], x.device)
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
         options = dict(blur=blur, p=p, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
@@ -335,7 +341,7 @@ def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | DenseGrid | None, ba
             def damping(eps, side):
                 return _damping(eps, rho_a if side == "x" else rho_b)
 
-            pyramid = GridPyramid(x, y, alpha.log(), beta.log(), grid.shape, grid.spacing, damping)
+            pyramid = GridPyramid(x, y, alpha.detach(), beta.detach(), grid.shape, grid.spacing, damping)
             item = _solve_item(pyramid, x, y, alpha, beta, **options)
             items = [grid.restrict(item) if isinstance(grid, SharedGrid) else item]
         elif name == "multiscale":
@@ -394,10 +400,11 @@ def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, i
     xs, ys = (x, y) if order_x is None else (_gather(x, order_x), _gather(y, order_y))
     alphas, betas = (alpha, beta) if order_x is None else (torch.gather(alpha, 1, order_x), torch.gather(beta, 1, order_y))
     with torch.enable_grad():
-        value = _divergence(geometry.softmins, xs, ys, alphas, betas, potentials, blur**p, rho_a, rho_b, debias)
+        value = _divergence(geometry.softmins, xs, ys, alphas, betas, potentials, blur**p, rho_a, rho_b, debias,
+                            extrapolated=max_iter == 0)
     f, g, f_aa, g_bb = (_scatter(t, o) for t, o in zip(potentials, (order_x, order_y, order_x, order_y)))
     plan = _PlanItem(geometry.softmins["xy"], geometry.softmins["yx"], xs.detach(), ys.detach(),
-                     alphas.detach().log(), betas.detach().log(), potentials[0], potentials[1], order_x, order_y)
+                     alphas.detach(), betas.detach(), potentials[0], potentials[1], order_x, order_y)
     return value, f, g, f_aa, g_bb, error, converged, schedule, plan
 
 
@@ -440,8 +447,13 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
 
     def refresh():
         x, y, log_a, log_b = geometry.measures()
-        state.update(x=x.detach(), y=y.detach(), log_a=log_a, log_b=log_b, alpha=log_a.exp(), beta=log_b.exp(),
-                     softmins=geometry.softmins)
+        state.update(x=x.detach(), y=y.detach(), log_a=log_a, log_b=log_b, softmins=geometry.softmins)
+
+    def weights(side):
+        """The working level's weights of ``a`` or ``b``, exponentiated when an error first needs them."""
+        if side not in state:
+            state[side] = state["log_" + side].exp()
+        return state[side]
 
     def cross_f(eps, g):
         s = state
@@ -472,8 +484,8 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
     def symmetric_step(eps):
         nonlocal f_aa, g_bb
         new_aa, new_bb = symmetric(eps, f_aa, g_bb)
-        error = max(_relative_change(state["alpha"], f_aa, new_aa, eps),
-                    _relative_change(state["beta"], g_bb, new_bb, eps))
+        error = max(_relative_change(weights("a"), f_aa, new_aa, eps),
+                    _relative_change(weights("b"), g_bb, new_bb, eps))
         f_aa, g_bb = 0.5 * (f_aa + new_aa), 0.5 * (g_bb + new_bb)
         return error
 
@@ -490,7 +502,7 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
         start = time.perf_counter()
         jumped = advance(eps, final=False)
         new_f, new_g = cross_f(eps, g), cross_g(eps, f)
-        error = max(_relative_change(state["alpha"], f, new_f, eps), _relative_change(state["beta"], g, new_g, eps))
+        error = max(_relative_change(weights("a"), f, new_f, eps), _relative_change(weights("b"), g, new_g, eps))
         f, g = 0.5 * (f + new_f), 0.5 * (g + new_g)
         if debias:
             error = max(error, symmetric_step(eps))
@@ -503,7 +515,7 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
     cross_error = symmetric_error = error
     while not converged and iterations < max_iter:
         new_f = cross_f(eps, g)
-        cross_error = _relative_change(state["alpha"], f, new_f, eps)
+        cross_error = _relative_change(weights("a"), f, new_f, eps)
         f = f + omega * (new_f - f)
         g = g + omega * (cross_g(eps, f) - g)
         if debias and (tol is None or symmetric_error >= tol):
@@ -536,24 +548,38 @@ def _side(weights, new, symmetric, rho, eps, debias):
             (weights * (rho - (rho + eps) * torch.exp(-new / rho))).sum(-1))
 
 
-def _divergence(softmins, x, y, alpha, beta, potentials, eps, rho_a, rho_b, debias):
-    """The value, with exact gradients: one differentiable softmin per problem at fixed optimal potentials."""
+def _divergence(softmins, x, y, alpha, beta, potentials, eps, rho_a, rho_b, debias, extrapolated):
+    """The value, with exact gradients: one differentiable softmin per problem at fixed optimal potentials.
+
+    If the solve stopped at the last extrapolation (``max_iter=0``), the value and its gradient w.r.t. the weights
+    are read off those potentials (GeomLoss's last extrapolation: no full-resolution softmin), and the softmins run
+    only when the points need gradients.
+    """
+    value, surrogate = _terms(alpha, beta, potentials, eps, rho_a, rho_b, debias)
+    if not extrapolated or x.requires_grad or y.requires_grad:
+        f, g, f_aa, g_bb = potentials
+        log_a, log_b = alpha.detach().log(), beta.detach().log()
+        damp_a, damp_b = _damping(eps, rho_a), _damping(eps, rho_b)
+        updated = [damp_a * _differentiable_softmin(softmins["xy"], eps, x, y.detach(), log_b + g / eps),
+                   damp_b * _differentiable_softmin(softmins["yx"], eps, y, x.detach(), log_a + f / eps), None, None]
+        if debias:
+            updated[2] = damp_a * _differentiable_softmin(softmins["xx"], eps, x, x.detach(), log_a + f_aa / eps)
+            updated[3] = damp_b * _differentiable_softmin(softmins["yy"], eps, y, y.detach(), log_b + g_bb / eps)
+        updated_value, surrogate = _terms(alpha, beta, updated, eps, rho_a, rho_b, debias)
+        value = value if extrapolated else updated_value
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def _terms(alpha, beta, potentials, eps, rho_a, rho_b, debias):
+    """(value, gradient surrogate) of the divergence at the given potentials (f, g, f_aa, g_bb)."""
     f, g, f_aa, g_bb = potentials
-    log_a, log_b = alpha.detach().log(), beta.detach().log()
-    damp_a, damp_b = _damping(eps, rho_a), _damping(eps, rho_b)
-    new_f = damp_a * _differentiable_softmin(softmins["xy"], eps, x, y.detach(), log_b + g / eps)
-    new_g = damp_b * _differentiable_softmin(softmins["yx"], eps, y, x.detach(), log_a + f / eps)
-    sym_f = sym_g = None
-    if debias:
-        sym_f = damp_a * _differentiable_softmin(softmins["xx"], eps, x, x.detach(), log_a + f_aa / eps)
-        sym_g = damp_b * _differentiable_softmin(softmins["yy"], eps, y, y.detach(), log_b + g_bb / eps)
-    value_a, grad_a = _side(alpha, new_f, sym_f, rho_a, eps, debias)
-    value_b, grad_b = _side(beta, new_g, sym_g, rho_b, eps, debias)
+    value_a, grad_a = _side(alpha, f, f_aa, rho_a, eps, debias)
+    value_b, grad_b = _side(beta, g, g_bb, rho_b, eps, debias)
     value, surrogate = value_a + value_b, grad_a + grad_b
     if not debias:
         mass = eps * alpha.sum(-1) * beta.sum(-1)
         value, surrogate = value + mass, surrogate + mass
-    return value.detach() + (surrogate - surrogate.detach())
+    return value, surrogate
 
 
 class SinkhornLoss(nn.Module):
