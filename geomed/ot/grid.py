@@ -63,12 +63,13 @@ class GridSoftmin:
         if len(shape) != len(spacing):
             raise ValueError(f"shape {tuple(shape)} and spacing {tuple(spacing)} must have one entry per axis")
         self.rows = self.cols = [torch.arange(int(n), dtype=torch.float64) * float(s) for n, s in zip(shape, spacing)]
+        self._kernels: dict = {}
 
     @classmethod
     def between(cls, rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor]) -> GridSoftmin:
         """The softmin of the voxels with per-axis coordinates ``rows`` (mm) against those with ``cols``."""
         softmin = cls.__new__(cls)
-        softmin.rows, softmin.cols = list(rows), list(cols)
+        softmin.rows, softmin.cols, softmin._kernels = list(rows), list(cols), {}
         return softmin
 
     def __call__(self, eps, x, y, h):
@@ -89,9 +90,18 @@ class GridSoftmin:
         """log Σ_j exp(h_j − |x_i − y_j|²/2ε) for every row voxel i: (B, M) → (B, N)."""
         batch = h.shape[0]
         field = h.to(torch.float64).reshape(batch, *[len(c) for c in self.cols])
-        for axis, (rows, cols) in enumerate(zip(self.rows, self.cols)):
-            field = _axis_logsumexp(field, axis + 1, rows, cols, eps)
+        for axis, kernel in enumerate(self._axis_kernels(eps, h.device)):
+            field = _axis_logsumexp(field, axis + 1, kernel)
         return field.reshape(batch, -1).to(h.dtype)
+
+    def _axis_kernels(self, eps: float, device: torch.device) -> list[_AxisKernel]:
+        """The per-axis constants at this ε on this device, kept while ε stays (the four problems of a Sinkhorn
+        step, and the averages, share them)."""
+        key = (eps, device)
+        if key not in self._kernels:
+            self._kernels = {key: [_AxisKernel.build(rows, cols, eps, device)
+                                   for rows, cols in zip(self.rows, self.cols)]}
+        return self._kernels[key]
 
 
 class GridPyramid:
@@ -184,8 +194,7 @@ def _pool_weights(weights: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return field.reshape(weights.shape[0], -1)
 
 
-def _axis_logsumexp(field: torch.Tensor, axis: int, rows: torch.Tensor, cols: torch.Tensor,
-                    eps: float) -> torch.Tensor:
+def _axis_logsumexp(field: torch.Tensor, axis: int, kernel: _AxisKernel) -> torch.Tensor:
     r"""out[..., i, ...] = log Σ_j exp(field[..., j, ...] − (r_i − c_j)²/2ε) along ``axis``; lines of −∞ stay −∞.
 
     An exact log-domain reduction computed as matrix products. The output rows are cut into blocks of
@@ -205,27 +214,46 @@ def _axis_logsumexp(field: torch.Tensor, axis: int, rows: torch.Tensor, cols: to
     :math:`u_j - m` at ``_CLAMP`` (−460, which keeps every product of the GEMM above the slow denormals) changes
     the result by less than :math:`L e^{-60}` relative. Large blurs give one block (a plain per-line stabilised
     product); at blurs far below the grid's extent the blocks shrink to single rows — the direct log-sum-exp.
-    ``field`` is float64.
+    ``field`` is float64; ``kernel`` holds the blocks' constants (:meth:`_AxisKernel.build`).
     """
     before, length, after = math.prod(field.shape[:axis]), field.shape[axis], math.prod(field.shape[axis + 1 :])
     lines = field.reshape(before, length, after)
-    rows, cols = rows.to(field.device, torch.float64), cols.to(field.device, torch.float64)
-    blocks = -(-len(rows) // _block_size(rows, cols, eps))
-    size = -(-len(rows) // blocks)
-    index = torch.arange(blocks * size, device=field.device).clamp_max(len(rows) - 1).view(blocks, size)
-    block_rows = rows[index]
-    centres = 0.5 * (block_rows[:, :1] + block_rows[:, -1:])
-    middle = 0.5 * (cols[0] + cols[-1])
-    shift = (centres - cols).square_().div_(2 * eps)
-    kernel = ((block_rows - centres).unsqueeze(-1) * (cols - middle) / eps).exp_()
-    offsets = ((centres - block_rows) * (centres + block_rows - 2 * middle) / (2 * eps)).reshape(-1)
+    blocks, size = kernel.matrices.shape[:2]
     budget = _GPU_TILE_ENTRIES if field.is_cuda else _TILE_ENTRIES
     chunk = max(1, budget // (blocks * length * after))
-    parts = [_blocked_products(lines[start : start + chunk], shift, kernel) for start in range(0, before, chunk)]
+    parts = [_blocked_products(lines[start : start + chunk], kernel.shifts, kernel.matrices)
+             for start in range(0, before, chunk)]
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
-    out = out.add_(offsets.unsqueeze(-1))
-    out = out if blocks * size == len(rows) else out[:, : len(rows)]
-    return out.reshape(*field.shape[:axis], len(rows), *field.shape[axis + 1 :])
+    out = out.add_(kernel.offsets.unsqueeze(-1))
+    out = out if blocks * size == kernel.rows else out[:, : kernel.rows]
+    return out.reshape(*field.shape[:axis], kernel.rows, *field.shape[axis + 1 :])
+
+
+@dataclass(frozen=True)
+class _AxisKernel:
+    """The constants of one axis's blocked reduction (:func:`_axis_logsumexp`) for given rows, columns and ε:
+    ``shifts`` (n_blocks, L) = (ρ − c_j)²/2ε, ``matrices`` G (n_blocks, S, L), ``offsets`` a_i (n_blocks · S,) —
+    float64 on the field's device — and the number of output ``rows`` (the last block repeats the last row)."""
+
+    rows: int
+    shifts: torch.Tensor
+    matrices: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def build(cls, rows: torch.Tensor, cols: torch.Tensor, eps: float, device: torch.device) -> _AxisKernel:
+        """From ascending per-axis coordinates (mm) of the output ``rows`` and input ``cols``; computed on the CPU
+        and moved once."""
+        rows, cols = rows.to("cpu", torch.float64), cols.to("cpu", torch.float64)
+        blocks = -(-len(rows) // _block_size(rows, cols, eps))
+        size = -(-len(rows) // blocks)
+        block_rows = rows[torch.arange(blocks * size).clamp_max(len(rows) - 1).view(blocks, size)]
+        centres = 0.5 * (block_rows[:, :1] + block_rows[:, -1:])
+        middle = 0.5 * (cols[0] + cols[-1])
+        shifts = (centres - cols).square_().div_(2 * eps)
+        matrices = ((block_rows - centres).unsqueeze(-1) * (cols - middle) / eps).exp_()
+        offsets = ((centres - block_rows) * (centres + block_rows - 2 * middle) / (2 * eps)).reshape(-1)
+        return cls(len(rows), shifts.to(device), matrices.to(device), offsets.to(device))
 
 
 def _blocked_products(lines: torch.Tensor, shift: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
