@@ -106,6 +106,37 @@ def test_gradients_match_finite_differences(options):
     _finite_difference_check(_cloud(25, 0), _cloud(30, 1, shift=(8.0, -3.0, 2.0)), **options)
 
 
+@pytest.mark.parametrize("reach", [None, 20.0])
+def test_stop_at_the_extrapolation_reads_the_value_off_the_potentials(reach):
+    """``tol=None, max_iter=0``: the value is the divergence of the returned (extrapolated) potentials, the same
+    whether or not the points need gradients, and (balanced) the gradient w.r.t. the points is the envelope
+    gradient at those potentials, α_i (T_aa(x_i) − T_ab(x_i)) with the barycentric maps T computed here densely."""
+    a, b = _cloud(25, 0), _cloud(30, 1, shift=(8.0, -3.0, 2.0))
+    options = dict(blur=3.0, reach=reach, backend="dense", tol=None, max_iter=0)
+    plain = sinkhorn_divergence(a, b, **options)
+    eps = plain.eps
+    if reach is None:
+        alpha, beta = a.weights / a.weights.sum(), b.weights / b.weights.sum()
+        expected = (alpha * (plain.f - plain.f_aa)).sum() + (beta * (plain.g - plain.g_bb)).sum()
+    else:
+        rho = reach**2
+        expected = (rho + eps / 2) * ((a.weights * (torch.exp(-plain.f_aa / rho) - torch.exp(-plain.f / rho))).sum()
+                                      + (b.weights * (torch.exp(-plain.g_bb / rho) - torch.exp(-plain.g / rho))).sum())
+    torch.testing.assert_close(plain.value, expected, rtol=1e-12, atol=1e-12)
+    points = a.points.clone().requires_grad_()
+    tracked = sinkhorn_divergence(Measure.from_points(points, a.weights), b, **options)
+    assert float(tracked.value) == float(plain.value)
+    if reach is None:
+        tracked.value.backward()
+
+        def barycentric(targets, weights, potential):
+            logits = weights.log() + (potential - 0.5 * torch.cdist(a.points, targets) ** 2) / eps
+            return torch.softmax(logits, -1) @ targets
+
+        envelope = alpha[:, None] * (barycentric(a.points, alpha, plain.f_aa) - barycentric(b.points, beta, plain.g))
+        torch.testing.assert_close(points.grad, envelope, rtol=1e-9, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------- invariants
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(st.integers(0, 10_000), st.floats(4.0, 12.0), st.floats(0.5, 3.0))
