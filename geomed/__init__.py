@@ -15,12 +15,13 @@ from .measure import Measure, VoxelGrid
 from .mesh import Mesh
 from .ot import (BarycenterResult, OTResult, SinkhornLoss, grid_sinkhorn_barycenter, grid_sinkhorn_divergence,
                  sinkhorn_barycenter, sinkhorn_divergence)
+from .registration import RegistrationResult, register
 
 _LAZY = {"read_image": "io", "read_mesh": "io", "write_image": "io", "write_mesh": "io", "mask_to_mesh": "surface"}
 
-__all__ = ["BarycenterResult", "Image", "KernelLoss", "Measure", "Mesh", "OTResult", "SinkhornLoss",
-           "VarifoldLoss", "VoxelGrid", "grid_sinkhorn_barycenter", "grid_sinkhorn_divergence", "mmd",
-           "sinkhorn_barycenter", "sinkhorn_divergence", "varifold_distance", *_LAZY]
+__all__ = ["BarycenterResult", "Image", "KernelLoss", "Measure", "Mesh", "OTResult", "RegistrationResult",
+           "SinkhornLoss", "VarifoldLoss", "VoxelGrid", "grid_sinkhorn_barycenter", "grid_sinkhorn_divergence", "mmd",
+           "register", "sinkhorn_barycenter", "sinkhorn_divergence", "varifold_distance", *_LAZY]
 __version__ = "0.1.0"
 
 

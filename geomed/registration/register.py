@@ -1,0 +1,181 @@
+"""``geomed.register``: one call from two shapes to a transform, coarse to fine, with progress and cancel."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..image import Image
+from ..kernels import VarifoldLoss
+from ..measure import Measure
+from ..mesh import Mesh
+from ..ot import SinkhornLoss
+from .deformable import WarpedShape, fit_deformation
+from .linear import LINEAR_MODELS, fit_linear
+from .presets import Preset, preset as _preset
+from .result import RegistrationResult, summarise
+from .transforms import AffineTransform
+
+logger = logging.getLogger(__name__)
+
+MODELS = (*LINEAR_MODELS, "deformable", "diffeomorphic")
+_CORRESPONDENCE_ITERATIONS = 15
+
+
+class RegistrationCancelled(RuntimeError):
+    """Raised by :func:`register` when its ``cancel`` callback returned True (within one iteration)."""
+
+
+def register(
+    moving: Mesh | Measure | Image,
+    fixed: Mesh | Measure | Image,
+    *,
+    model: str = "rigid",
+    loss: torch.nn.Module | None = None,
+    preset: str | Preset | None = None,
+    progress: Callable[[str, int, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed``: the transform φ with φ(moving) ≈ fixed, in world RAS mm.
+
+    Parameters
+    ----------
+    moving, fixed : Mesh, Measure or Image
+        Surface meshes, measures, or masks (an :class:`~geomed.Image` whose non-zero voxels are the shape).
+        Mixed inputs work: when one is a mesh and the other a mask, the mask's boundary surface is used, so that
+        both are surfaces.
+    model : {"rigid", "similarity", "affine", "deformable", "diffeomorphic"}
+        Rigid (rotation + translation), similarity (+ isotropic scale), affine; deformable (smooth kernel
+        displacement after an affine stage) or diffeomorphic (LDDMM geodesic shooting after an affine stage:
+        invertible, folds nothing).
+    loss : geomed loss module, optional
+        What the deformable stages minimise: ``SinkhornLoss`` (``reach`` for partial scans), ``KernelLoss``
+        (MMD) or ``VarifoldLoss`` (meshes); coarser stages use it at a larger blur, the last at its own. Default:
+        an unbalanced ``SinkhornLoss`` at the preset's finest blur and reach. The linear stages always use
+        Sinkhorn correspondences (with the loss's reach, if it has one).
+    preset : {"brain", "knee", "heart"} or Preset, optional
+        The anatomy's scales (see :mod:`geomed.registration.presets`); default: scaled to the fixed shape's size.
+    progress : callable(stage, iteration, value), optional
+        Called after every correspondence step or objective evaluation.
+    cancel : callable() -> bool, optional
+        Polled at the same points; returning True stops with :class:`RegistrationCancelled`.
+    dtype, device
+        Precision and device of the losses (transforms are fitted in float64).
+
+    Returns
+    -------
+    RegistrationResult
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    start = time.perf_counter()
+    moving_shape, fixed_shape = _comparable(moving, "moving", fixed), _comparable(fixed, "fixed", moving)
+    moving_measure, fixed_measure = (_as_measure(shape, dtype, device) for shape in (moving_shape, fixed_shape))
+    if moving_measure.dim != fixed_measure.dim:
+        raise ValueError(f"moving and fixed must have the same dimension, got {moving_measure.dim}-D and "
+                         f"{fixed_measure.dim}-D points")
+    scale = fixed_measure.total_mass
+    moving_measure = Measure(moving_measure.points, moving_measure.weights / scale, moving_measure.normals)
+    fixed_measure = Measure(fixed_measure.points, fixed_measure.weights / scale, fixed_measure.normals)
+    schedule = _preset(preset) if preset is not None else Preset.for_size(_diameter(fixed_measure))
+    reach = loss.options.get("reach", schedule.reach) if loss is not None else schedule.reach
+    history: list[tuple[str, int, float]] = []
+    timings: dict[str, float] = {}
+
+    def report(stage: str, iteration: int, value: float) -> None:
+        history.append((stage, iteration, value))
+        logger.debug("%s iteration %d: %.6g", stage, iteration, value)
+        if progress is not None:
+            progress(stage, iteration, value)
+        if cancel is not None and cancel():
+            raise RegistrationCancelled(f"registration cancelled during {stage}, iteration {iteration}")
+
+    transform = _centroid_alignment(moving_measure, fixed_measure)
+    for stage in _linear_stages(model):
+        stage_start = time.perf_counter()
+        blurs = schedule.blurs if stage == "rigid" else schedule.blurs[1:]
+        transform = fit_linear(moving_measure, fixed_measure, stage, blurs=blurs, reach=reach,
+                               initial=transform, iterations=_CORRESPONDENCE_ITERATIONS, report=report)
+        timings[stage] = time.perf_counter() - stage_start
+    if model in ("deformable", "diffeomorphic"):
+        stage_start = time.perf_counter()
+        base = loss if loss is not None else SinkhornLoss(blur=schedule.blurs[-1], reach=schedule.reach)
+        scales = schedule.kernel_scales
+        losses = [_at_blur(base, scale / 4) for scale in scales[:-1]] + [base]
+        warped = WarpedShape(moving_shape if isinstance(moving_shape, Mesh) else moving_measure, dtype,
+                             mass_scale=float(scale) if isinstance(moving_shape, Mesh) else 1.0,
+                             exact_normals=isinstance(base, VarifoldLoss))
+        transform = fit_deformation(warped, fixed_measure, initial=transform, scales=scales, losses=losses,
+                                    steps=schedule.steps if model == "diffeomorphic" else 1,
+                                    regularisation=schedule.regularisation, iterations=schedule.iterations,
+                                    report=report)
+        timings[model] = time.perf_counter() - stage_start
+    timings["total"] = time.perf_counter() - start
+    backend = str(moving_measure.device)
+    moving_output = moving_shape if isinstance(moving_shape, Mesh) else _as_measure(moving_shape, dtype, device)
+    return summarise(transform, moving_output, history=history, timings=timings, model=model, backend=backend)
+
+
+def _linear_stages(model: str) -> tuple[str, ...]:
+    """Rigid first (all blurs: the coarsest find the pose), then the model's own linear stage from the second
+    blur on (affine before any deformation; at the coarsest blur the entropic shrinkage of the correspondences
+    would be fitted as a scale)."""
+    if model == "rigid":
+        return ("rigid",)
+    if model == "similarity":
+        return ("rigid", "similarity")
+    return ("rigid", "affine")
+
+
+def _comparable(shape, name: str, other):
+    """``shape`` as a Mesh or Measure: a mask becomes its boundary mesh when ``other`` is a mesh."""
+    if isinstance(shape, Image):
+        if isinstance(other, Mesh):
+            from ..surface import mask_to_mesh
+
+            return mask_to_mesh(shape)
+        return shape
+    if isinstance(shape, (Mesh, Measure)):
+        return shape
+    raise TypeError(f"{name} must be a Mesh, a Measure or an Image (mask), got {type(shape).__name__}")
+
+
+def _as_measure(shape, dtype, device) -> Measure:
+    if isinstance(shape, Mesh):
+        if shape.n_triangles == 0:
+            raise ValueError("a mesh to register has no triangles")
+        return Measure.from_mesh(shape, dtype=dtype, device=device)
+    if isinstance(shape, Image):
+        return Measure.from_mask(shape, dtype=dtype, device=device)
+    return shape.to(device=device, dtype=dtype)
+
+
+def _diameter(measure: Measure) -> float:
+    points = measure.points.detach()
+    return float((points.amax(0) - points.amin(0)).norm())
+
+
+def _centroid_alignment(moving: Measure, fixed: Measure) -> AffineTransform:
+    """The translation that puts the moving centroid on the fixed one (the start of the rigid stage)."""
+    def centroid(measure: Measure) -> torch.Tensor:
+        weights = measure.weights.detach().double()
+        return weights @ measure.points.detach().double() / weights.sum()
+
+    dim = moving.dim
+    return AffineTransform(torch.eye(dim, dtype=torch.float64), centroid(fixed) - centroid(moving))
+
+
+def _at_blur(loss: torch.nn.Module, blur: float) -> torch.nn.Module:
+    """A copy of a geomed loss module with its blur raised to at least ``blur`` (mm) for a coarse stage."""
+    if not hasattr(loss, "options") or loss.options.get("blur") is None:
+        return loss
+    coarse = copy.copy(loss)
+    coarse.options = {**loss.options, "blur": max(float(loss.options["blur"]), blur)}
+    return coarse
+
