@@ -10,9 +10,10 @@ applied after an ``initial`` transform (the affine stage, or a coarser deformati
 the smooth displacement :math:`x + v(x)` (fast; it can fold under large momenta). With ``steps > 1`` it is the
 LDDMM geodesic of the momenta (Miller, Trouvé, Younes): control points and momenta follow Hamilton's equations
 of :math:`H(q, p) = \tfrac12 \sum_{kl} p_k^\top K(q_k, q_l) p_l` and every point is carried by the time-dependent
-velocity, one explicit step of length 1/steps at a time. Each step :math:`x \mapsto x + v_t(x)/T` is a diffeomorphism when its Lipschitz constant is below 1
-(checked by :attr:`KernelDeformation.is_invertible`), so the map folds nothing and its inverse is the composition
-of the inverted steps, each solved by a fixed-point iteration (a contraction) — inverse consistency to round-off.
+velocity, one explicit step of length 1/steps at a time. Each step :math:`x \mapsto x + v_t(x)/T` is a
+diffeomorphism when its Lipschitz constant is below 1 (checked by :attr:`KernelDeformation.is_invertible`), so the
+map folds nothing and its inverse is the composition of the inverted steps, each solved by a fixed-point iteration
+(a contraction) — inverse consistency to round-off.
 """
 
 from __future__ import annotations
