@@ -162,7 +162,7 @@ def _run_register(args: argparse.Namespace) -> int:
         "hausdorff95_mm": {"before": float(np.percentile(before, 95)), "after": float(np.percentile(after, 95))},
         "min_jacobian": result.min_jacobian,
         "mean_abs_normal_displacement_mm": float(np.abs(result.normal_displacement).mean()),
-        "invertible": bool(getattr(result.transform, "is_invertible", True)),
+        "invertible": result.transform.is_invertible,
     }
     with atomic_path(args.output / "registration.json") as temporary:
         temporary.write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -19,6 +19,7 @@ map folds nothing and its inverse is the composition of the inverted steps, each
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,18 +38,26 @@ def _as_tensor(points, reference: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return torch.tensor(np.asarray(points, dtype=np.float64), dtype=reference.dtype, device=reference.device), True
 
 
-class Transform:
+class Transform(ABC):
     """A map φ of world points (mm) from the moving shape's space onto the fixed shape's."""
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """φ(points) for a tensor (N, D), differentiable."""
 
-    def backward(self, points: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def backward(self, points: torch.Tensor) -> torch.Tensor:
+        """φ⁻¹(points) for a tensor (N, D)."""
 
     @property
-    def _reference(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def is_invertible(self) -> bool:
+        """Whether φ is provably an orientation-preserving diffeomorphism."""
+
+    @property
+    @abstractmethod
+    def _reference(self) -> torch.Tensor:
+        """A parameter tensor whose device and dtype the points are brought to."""
 
     def __call__(self, points):
         """φ(points) for a Tensor or array (N, D) (same type back), a :class:`~geomed.Mesh` (vertices moved) or a
