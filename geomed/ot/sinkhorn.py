@@ -555,7 +555,7 @@ def _divergence(softmins, x, y, alpha, beta, potentials, eps, rho_a, rho_b, debi
     are read off those potentials (GeomLoss's last extrapolation: no full-resolution softmin), and the softmins run
     only when the points need gradients.
     """
-    value, surrogate = _terms(alpha, beta, potentials, eps, rho_a, rho_b, debias)
+    value, surrogate = _terms(alpha, beta, potentials, eps, rho_a, rho_b, debias) if extrapolated else (None, None)
     if not extrapolated or x.requires_grad or y.requires_grad:
         f, g, f_aa, g_bb = potentials
         log_a, log_b = alpha.detach().log(), beta.detach().log()
@@ -566,7 +566,7 @@ def _divergence(softmins, x, y, alpha, beta, potentials, eps, rho_a, rho_b, debi
             updated[2] = damp_a * _differentiable_softmin(softmins["xx"], eps, x, x.detach(), log_a + f_aa / eps)
             updated[3] = damp_b * _differentiable_softmin(softmins["yy"], eps, y, y.detach(), log_b + g_bb / eps)
         updated_value, surrogate = _terms(alpha, beta, updated, eps, rho_a, rho_b, debias)
-        value = value if extrapolated else updated_value
+        value = updated_value if value is None else value
     return value.detach() + (surrogate - surrogate.detach())
 
 
