@@ -19,12 +19,12 @@ import torch
 
 from ..measure import Measure
 from ..mesh import Mesh
-from .linear import _POINT_BUDGET, _cells, _pool_points, _pooled
+from .linear import _cells, _pool_points, _pooled, budgeted_cells
 from .transforms import KernelDeformation, Transform
 
 
 class WarpedShape:
-    """The moving shape as the loss sees it after a transform, pooled into at most ``_POINT_BUDGET`` cells.
+    """The moving shape as the loss sees it after a transform, pooled into at most 2000 cells (:func:`budgeted_cells`).
 
     By default the cells' centroids (taken in the moving shape's own space) are moved, carrying the cells' masses
     at the start of the stage: one point per cell through the flow. With ``exact_normals`` (varifold and current
@@ -43,15 +43,12 @@ class WarpedShape:
         self._members, self._count, self._centroids, self._masses, self._normals = None, 0, None, None, None
 
     def pool_at(self, transform: Transform, cell: float) -> float:
-        """Fix the pooling cells (side ``cell`` mm, widened to at most ``_POINT_BUDGET`` cells) from the shape
+        """Fix the pooling cells (side ``cell`` mm, widened to at most 2000 cells) from the shape
         moved by ``transform``; returns the cell side used."""
         with torch.no_grad():
             moved = self._measure(transform.forward(self.points.double()).to(self.dtype))
         points = moved.points.detach().double()
-        self._members, self._count = _cells(points, cell)
-        while self._count > _POINT_BUDGET:
-            cell *= 1.5
-            self._members, self._count = _cells(points, cell)
+        self._members, self._count, cell = budgeted_cells(points, cell)
         own = self._measure(self.points)
         weights = moved.weights.detach()
         self._masses = torch.zeros(self._count, dtype=weights.dtype).index_add(0, self._members, weights)
@@ -117,6 +114,5 @@ def fit_deformation(moving: WarpedShape, fixed: Measure, *, initial: Transform, 
 
 def _control_points(points: torch.Tensor, cell: float) -> torch.Tensor:
     """The mean of the points in each cubic cell of side ``cell`` (mm)."""
-    keys = torch.floor((points - points.amin(0)) / cell).long()
-    _, members = torch.unique(keys, dim=0, return_inverse=True)
-    return _pool_points(points, torch.ones(len(points), dtype=points.dtype), members, int(members.max()) + 1)
+    members, count = _cells(points, cell)
+    return _pool_points(points, torch.ones(len(points), dtype=points.dtype), members, count)

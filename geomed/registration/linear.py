@@ -64,7 +64,7 @@ def fit_linear(moving: Measure, fixed: Measure, model: str, *, blurs, reach, ini
     transform = initial
     source = moving.points.detach().double()
     for blur in blurs:
-        coarse_fixed = fixed if blur <= 0 else _pooled(fixed, blur / 2)
+        coarse_fixed = _pooled(fixed, blur / 2)
         coarse_moving, members = _pooled_with_members(moving, blur / 2)
         coarse_source = _pool_points(source, moving.weights.double(), members, len(coarse_moving.weights))
         for iteration in range(iterations):
@@ -86,15 +86,22 @@ def _pooled_with_members(measure: Measure, cell: float) -> tuple[Measure, torch.
     """The measure with its points merged per cubic cell of side ``cell`` (mm), widened until at most
     ``_POINT_BUDGET`` cells remain: weighted mean positions, summed weights; and each point's cell index."""
     points = measure.points.detach().double()
-    members, count = _cells(points, cell)
-    while count > _POINT_BUDGET:
-        cell *= 1.5
-        members, count = _cells(points, cell)
+    members, count, _ = budgeted_cells(points, cell)
     weights = measure.weights.detach().double()
     pooled_weights = torch.zeros(count, dtype=weights.dtype).index_add_(0, members, weights)
     pooled = Measure.from_points(_pool_points(points, weights, members, count).to(measure.dtype),
                                  pooled_weights.to(measure.dtype))
     return pooled, members
+
+
+def budgeted_cells(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, int, float]:
+    """Cells of side ``cell`` (mm), widened by 1.5× until at most ``_POINT_BUDGET`` remain: each point's cell, the
+    number of cells and the side used."""
+    members, count = _cells(points, cell)
+    while count > _POINT_BUDGET:
+        cell *= 1.5
+        members, count = _cells(points, cell)
+    return members, count, cell
 
 
 def _cells(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, int]:
