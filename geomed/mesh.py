@@ -94,13 +94,17 @@ class Mesh:
         norm = np.linalg.norm(cross, axis=1, keepdims=True)
         return np.divide(cross, norm, out=np.zeros_like(cross), where=norm > 0)
 
+    def boundary_edges(self) -> np.ndarray:
+        """The edges used by exactly one triangle (the rims of holes and crops), vertex index pairs (E, 2)."""
+        if self.n_triangles == 0:
+            return np.zeros((0, 2), dtype=np.int64)
+        edges = np.sort(self.triangles[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+        unique, counts = np.unique(edges, axis=0, return_counts=True)
+        return unique[counts == 1]
+
     def boundary_edge_count(self) -> int:
         """Number of edges used by exactly one triangle; 0 for a closed (watertight) surface."""
-        if self.n_triangles == 0:
-            return 0
-        edges = np.sort(self.triangles[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-        _, counts = np.unique(edges, axis=0, return_counts=True)
-        return int(np.count_nonzero(counts == 1))
+        return len(self.boundary_edges())
 
     @property
     def is_closed(self) -> bool:

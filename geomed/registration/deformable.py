@@ -90,7 +90,7 @@ def fit_deformation(moving: WarpedShape, fixed: Measure, *, initial: Transform, 
     for scale, loss in zip(scales, losses, strict=True):
         blur = float(loss.options.get("blur") or scale / 4)
         cell = moving.pool_at(transform, blur / 4)
-        target = _pooled(fixed, cell)
+        target = _pooled(fixed, cell)[0].to(fixed.device, fixed.dtype)
         with torch.no_grad():
             control = _control_points(transform.forward(moving.points.double()), scale)
         momenta = torch.zeros_like(control, requires_grad=True)

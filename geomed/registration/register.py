@@ -7,7 +7,9 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from ..image import Image
 from ..kernels import VarifoldLoss
@@ -57,8 +59,9 @@ def register(
     loss : geomed loss module, optional
         What the deformable stages minimise: ``SinkhornLoss`` (``reach`` for partial scans), ``KernelLoss``
         (MMD) or ``VarifoldLoss`` (meshes); coarser stages use it at a larger blur, the last at its own. Default:
-        an unbalanced ``SinkhornLoss`` at the preset's finest blur and reach. The linear stages always use
-        Sinkhorn correspondences (with the loss's reach, if it has one).
+        an unbalanced ``SinkhornLoss`` at the preset's finest blur and ``deformable_reach``. The linear stages
+        always use Sinkhorn correspondences within the preset's ``reach``; correspondences near an open boundary
+        of a mesh (a crop) are left out of their fits (partial overlap).
     preset : {"brain", "knee", "heart"} or Preset, optional
         The anatomy's scales (see :mod:`geomed.registration.presets`); default: scaled to the fixed shape's size.
     progress : callable(stage, iteration, value), optional
@@ -84,7 +87,6 @@ def register(
     moving_measure = Measure(moving_measure.points, moving_measure.weights / scale, moving_measure.normals)
     fixed_measure = Measure(fixed_measure.points, fixed_measure.weights / scale, fixed_measure.normals)
     schedule = _preset(preset) if preset is not None else Preset.for_size(_diameter(fixed_measure))
-    reach = loss.options.get("reach", schedule.reach) if loss is not None else schedule.reach
     history: list[tuple[str, int, float]] = []
     timings: dict[str, float] = {}
 
@@ -97,15 +99,17 @@ def register(
             raise RegistrationCancelled(f"registration cancelled during {stage}, iteration {iteration}")
 
     transform = _centroid_alignment(moving_measure, fixed_measure)
-    for stage in _linear_stages(model):
+    rims = {"moving_rim": _rim_distance(moving_shape, moving_measure),
+            "fixed_rim": _rim_distance(fixed_shape, fixed_measure)}
+    for index, (stage, blurs) in enumerate(_linear_stages(model, schedule.blurs)):
         stage_start = time.perf_counter()
-        blurs = schedule.blurs if stage == "rigid" else schedule.blurs[1:]
-        transform = fit_linear(moving_measure, fixed_measure, stage, blurs=blurs, reach=reach,
-                               initial=transform, iterations=_CORRESPONDENCE_ITERATIONS, report=report)
+        transform = fit_linear(moving_measure, fixed_measure, stage, blurs=blurs, reach=schedule.reach,
+                               initial=transform, aligned=index > 0, iterations=_CORRESPONDENCE_ITERATIONS,
+                               report=report, **rims)
         timings[stage] = time.perf_counter() - stage_start
     if model in ("deformable", "diffeomorphic"):
         stage_start = time.perf_counter()
-        base = loss if loss is not None else SinkhornLoss(blur=schedule.blurs[-1], reach=schedule.reach)
+        base = loss if loss is not None else SinkhornLoss(blur=schedule.blurs[-1], reach=schedule.deformable_reach)
         scales = schedule.kernel_scales
         losses = [_at_blur(base, scale / 4) for scale in scales[:-1]] + [base]
         warped = WarpedShape(moving_shape if isinstance(moving_shape, Mesh) else moving_measure, dtype,
@@ -122,15 +126,13 @@ def register(
     return summarise(transform, moving_output, history=history, timings=timings, model=model, backend=backend)
 
 
-def _linear_stages(model: str) -> tuple[str, ...]:
-    """Rigid first (all blurs: the coarsest find the pose), then the model's own linear stage from the second
-    blur on (affine before any deformation; at the coarsest blur the entropic shrinkage of the correspondences
-    would be fitted as a scale)."""
+def _linear_stages(model: str, blurs: tuple[float, ...]) -> list[tuple[str, tuple[float, ...]]]:
+    """The linear stages and their blurs: rigid first (the coarsest blurs find the pose), then the model's own
+    stage from the second blur on (at the coarsest blur the entropic shrinkage of the correspondences would be
+    fitted as a scale); the rigid stage stops where the next one takes over."""
     if model == "rigid":
-        return ("rigid",)
-    if model == "similarity":
-        return ("rigid", "similarity")
-    return ("rigid", "affine")
+        return [("rigid", blurs)]
+    return [("rigid", blurs[:-1] or blurs), ("similarity" if model == "similarity" else "affine", blurs[1:] or blurs)]
 
 
 def _comparable(shape, name: str, other):
@@ -154,6 +156,17 @@ def _as_measure(shape, dtype, device) -> Measure:
     if isinstance(shape, Image):
         return Measure.from_mask(shape, dtype=dtype, device=device)
     return shape.to(device=device, dtype=dtype)
+
+
+def _rim_distance(shape, measure: Measure) -> torch.Tensor | None:
+    """Each point's distance (mm) to the open boundary of a mesh with one (a crop or a hole); None otherwise."""
+    if not isinstance(shape, Mesh):
+        return None
+    rim = np.unique(shape.boundary_edges())
+    if len(rim) == 0:
+        return None
+    distances, _ = cKDTree(shape.vertices[rim]).query(measure.points.detach().cpu().double().numpy())
+    return torch.as_tensor(distances, dtype=torch.float64, device=measure.device)
 
 
 def _diameter(measure: Measure) -> float:
