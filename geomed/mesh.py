@@ -98,9 +98,10 @@ class Mesh:
         """The edges used by exactly one triangle (the rims of holes and crops), vertex index pairs (E, 2)."""
         if self.n_triangles == 0:
             return np.zeros((0, 2), dtype=np.int64)
-        edges = np.sort(self.triangles[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-        unique, counts = np.unique(edges, axis=0, return_counts=True)
-        return unique[counts == 1]
+        edges = np.sort(self.triangles[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1).astype(np.int64)
+        keys, counts = np.unique(edges[:, 0] * self.n_vertices + edges[:, 1], return_counts=True)
+        single = keys[counts == 1]
+        return np.stack([single // self.n_vertices, single % self.n_vertices], 1)
 
     def boundary_edge_count(self) -> int:
         """Number of edges used by exactly one triangle; 0 for a closed (watertight) surface."""
@@ -123,6 +124,33 @@ class Mesh:
         vertices = self.vertices @ matrix[:3, :3].T + matrix[:3, 3]
         triangles = self.triangles[:, ::-1] if np.linalg.det(matrix[:3, :3]) < 0 else self.triangles
         return Mesh(vertices, triangles, dict(self.point_data), dict(self.cell_data))
+
+    def submesh(self, keep: np.ndarray) -> tuple[Mesh, np.ndarray]:
+        """The triangles whose three vertices are kept (a crop, a region), with their vertices renumbered.
+
+        Parameters
+        ----------
+        keep : bool array (V,)
+            Which vertices to keep.
+
+        Returns
+        -------
+        mesh : Mesh
+            The sub-mesh, with the point and cell arrays of what it kept.
+        indices : int array (V',)
+            Each of its vertices' index in this mesh.
+        """
+        keep = np.asarray(keep)
+        if keep.shape != (self.n_vertices,) or keep.dtype != bool:
+            raise ValueError(f"keep must be a boolean array of one entry per vertex ({self.n_vertices},), got "
+                             f"{keep.dtype} {keep.shape}")
+        kept_triangles = keep[self.triangles].all(1)
+        indices = np.unique(self.triangles[kept_triangles])
+        renumber = np.full(self.n_vertices, -1)
+        renumber[indices] = np.arange(len(indices))
+        return Mesh(self.vertices[indices], renumber[self.triangles[kept_triangles]],
+                    {name: array[indices] for name, array in self.point_data.items()},
+                    {name: array[kept_triangles] for name, array in self.cell_data.items()}), indices
 
     def with_point_data(self, **arrays: np.ndarray) -> Mesh:
         """Return a copy with per-vertex arrays added or replaced."""

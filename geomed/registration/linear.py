@@ -231,7 +231,10 @@ def budgeted_cells(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, int
 def _cells(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, int]:
     """Each point's cubic cell of side ``cell`` (mm), numbered from 0, and the number of cells."""
     keys = torch.floor((points - points.amin(0)) / cell).long()
-    _, members = torch.unique(keys, dim=0, return_inverse=True)
+    flat = torch.zeros_like(keys[:, 0])
+    for axis in range(keys.shape[1]):  # one integer per cell: a 1-D unique (a sort) instead of a row-wise one
+        flat = flat * (int(keys[:, axis].max()) + 1) + keys[:, axis]
+    _, members = torch.unique(flat, return_inverse=True)
     return members, int(members.max()) + 1
 
 

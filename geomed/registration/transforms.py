@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..mesh import Mesh
+from .kernel_velocity import _kernel, velocity
 
 _INVERSE_ITERATIONS = 50
 _INVERSE_TOLERANCE = 1e-13
@@ -174,7 +175,7 @@ class KernelDeformation(Transform):
         x = self.initial.forward(points)
         dt = 1.0 / self.steps
         for q, p in self.trajectory():
-            x = x + dt * _velocity(x, q, p, self.scale)
+            x = x + dt * velocity(x, q, p, self.scale)
         return x
 
     def backward(self, points: torch.Tensor) -> torch.Tensor:
@@ -184,9 +185,9 @@ class KernelDeformation(Transform):
         dt = 1.0 / self.steps
         with torch.no_grad():
             for q, p in reversed(self.trajectory()):
-                x = y - dt * _velocity(y, q, p, self.scale)
+                x = y - dt * velocity(y, q, p, self.scale)
                 for _ in range(_INVERSE_ITERATIONS):
-                    previous, x = x, y - dt * _velocity(x, q, p, self.scale)
+                    previous, x = x, y - dt * velocity(x, q, p, self.scale)
                     if float((x - previous).abs().max()) <= _INVERSE_TOLERANCE * self.scale:
                         break
                 y = x
@@ -194,7 +195,7 @@ class KernelDeformation(Transform):
 
     def energy(self) -> torch.Tensor:
         """Kinetic energy ½ Σ p_k·K(q_k, q_l) p_l of the initial momenta (mm², constant along the geodesic)."""
-        return 0.5 * (self.momenta * _velocity(self.control_points, self.control_points, self.momenta,
+        return 0.5 * (self.momenta * velocity(self.control_points, self.control_points, self.momenta,
                                                self.scale)).sum()
 
     def step_lipschitz(self) -> float:
@@ -207,15 +208,6 @@ class KernelDeformation(Transform):
     def is_invertible(self) -> bool:
         """Whether every step is provably a diffeomorphism (:meth:`step_lipschitz` < 1) and so is ``initial``."""
         return self.step_lipschitz() < 1 and self.initial.is_invertible
-
-
-def _kernel(x: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.exp(-torch.cdist(x, q).square() / (2 * scale**2))
-
-
-def _velocity(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, scale: float) -> torch.Tensor:
-    """v(x) = Σ_k K(x, q_k) p_k, dense (K control points are few: hundreds)."""
-    return _kernel(x, q, scale) @ p
 
 
 def _hamiltonian_step(q: torch.Tensor, p: torch.Tensor, scale: float,
