@@ -11,6 +11,7 @@ from scipy.spatial.transform import Rotation
 from geomed import Image, Measure, Mesh, datasets, mask_to_mesh, register
 from geomed.registration import PRESETS, AffineTransform, KernelDeformation, RegistrationCancelled
 from geomed.ot.softmin import keops_available
+from geomed.plotting import plot_registration, plot_surface
 from geomed.surface import distance_to_surface
 from geomed.registration.kernel_velocity import velocity
 from geomed.registration.linear import fit_pairs
@@ -248,6 +249,15 @@ def test_mask_is_registered_onto_a_mesh():
     moving = _ball_mask((15.0, 16.0, 15.0))
     result = register(moving, fixed, model="rigid", preset="brain")
     np.testing.assert_allclose(result.transform.translation.numpy(), [2.0, -1.0, 1.0], atol=0.3)
+
+
+def test_registration_figure_is_written_and_bad_arrays_are_refused(tmp_path):
+    fixed = mask_to_mesh(_ball_mask((17.0, 15.0, 16.0)))
+    result = register(_ball_mask((15.0, 16.0, 15.0)), fixed, model="rigid", preset="brain")
+    path = plot_registration(result, fixed, tmp_path / "figures" / "ball.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="one entry per vertex"):
+        plot_surface(fixed, np.zeros(3))
 
 
 def test_progress_is_reported_and_cancel_stops_within_one_iteration():
