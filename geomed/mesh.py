@@ -84,6 +84,14 @@ class Mesh:
         _, ab, ac = self._edge_vectors()
         return 0.5 * np.linalg.norm(np.cross(ab, ac), axis=1)
 
+    def vertex_areas(self) -> np.ndarray:
+        """Each vertex's share of the surface, a third of the areas of its triangles, shape (V,), mm² (they sum to
+        the mesh's area)."""
+        areas = np.zeros(self.n_vertices)
+        for corner in range(3):
+            np.add.at(areas, self.triangles[:, corner], self.triangle_areas() / 3.0)
+        return areas
+
     def triangle_normals(self) -> np.ndarray:
         """Unit normals of the triangles (right-hand rule on the vertex order), shape (F, 3).
 

@@ -1,4 +1,17 @@
-"""Morphometry: volumes and areas of meshes and masks, in mm³ and mm²."""
+r"""Morphometry: volumes and areas of meshes and masks (mm³, mm²), and what a registration says of their change.
+
+A registration φ of a baseline surface onto a follow-up gives, per vertex, the displacement φ(x) − x and its
+component along the outward normal (outward > 0: growth). Two estimates of the volume change then answer "how
+much", and should agree:
+
+- **direct**: the difference of the enclosed volumes (divergence theorem on each closed surface, or voxel counts);
+- **registration-based** (SIENA-like): the flux of the normal displacement through the baseline surface,
+  :math:`\Delta V pprox \sum_v A_v\, d_v` (vertex area times normal displacement) — first order in d, and local:
+  the same sum over a region says *where* the change is.
+
+:func:`percent_volume_change` reports both and their disagreement; :func:`local_area_change` and
+:func:`regional_summary` map the change over the surface.
+"""
 
 from __future__ import annotations
 
@@ -117,3 +130,110 @@ def _surface_row(row: dict[str, object], mesh: Mesh) -> dict[str, object]:
         "surface_area_cm2": surface_area(mesh) / 100.0,
         "closed": mesh.is_closed,
     }
+
+
+def flux_volume_change(mesh: Mesh, normal_displacement: np.ndarray) -> float:
+    """Volume swept by moving each vertex of a closed surface along its outward normal: Σ_v A_v d_v, in mm³.
+
+    Parameters
+    ----------
+    mesh : Mesh
+        The baseline surface (outward-wound).
+    normal_displacement : array (V,)
+        Per-vertex displacement along the outward normal (mm).
+    """
+    values = _per_vertex(mesh, normal_displacement, "normal_displacement")
+    return float(mesh.vertex_areas() @ values)
+
+
+def percent_volume_change(baseline: Mesh, follow_up: Mesh | Image, registration=None) -> dict[str, float]:
+    """Percent volume change from ``baseline`` to ``follow_up``, directly and from a registration.
+
+    Parameters
+    ----------
+    baseline : Mesh
+        Closed baseline surface.
+    follow_up : Mesh or Image
+        Closed follow-up surface, or mask (voxel occupancies).
+    registration : RegistrationResult, optional
+        ``geomed.register(baseline, follow_up, ...)``: its warped baseline carries the ``normal displacement``.
+
+    Returns
+    -------
+    dict
+        ``baseline_volume_mm3``, ``direct_percent`` (100·(V₁ − V₀)/V₀); with a registration also
+        ``registration_percent`` (100·flux/V₀, :func:`flux_volume_change`), ``warped_percent`` (the enclosed
+        volume of the warped baseline: exact for the map, whatever its size) and ``disagreement_pp`` (direct −
+        registration, percentage points).
+    """
+    before = volume(baseline)
+    if before <= 0:
+        raise ValueError(f"baseline encloses a non-positive volume ({before:g} mm³): is it closed and outward-wound?")
+    row = {"baseline_volume_mm3": before, "direct_percent": 100.0 * (volume(follow_up) - before) / before}
+    if registration is not None:
+        warped = registration.warped
+        if not isinstance(warped, Mesh) or warped.n_vertices != baseline.n_vertices:
+            raise ValueError("registration must be geomed.register(baseline, ...): its warped mesh has "
+                             f"{getattr(warped, 'n_vertices', 'no')} vertices, the baseline {baseline.n_vertices}")
+        flux = flux_volume_change(baseline, warped.point_data["normal displacement"])
+        row["registration_percent"] = 100.0 * flux / before
+        row["warped_percent"] = 100.0 * (volume(warped) - before) / before
+        row["disagreement_pp"] = row["direct_percent"] - row["registration_percent"]
+    return row
+
+
+def local_area_change(baseline: Mesh, warped: Mesh) -> np.ndarray:
+    """Per-vertex ratio of surface area after and before a deformation (1: unchanged, < 1: shrinking), (V,).
+
+    ``warped`` is the baseline with its vertices moved (same triangles), e.g. ``register(...).warped``.
+    """
+    if warped.n_vertices != baseline.n_vertices or not np.array_equal(warped.triangles, baseline.triangles):
+        raise ValueError("warped must be the baseline mesh with its vertices moved (same vertices and triangles)")
+    before = baseline.vertex_areas()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(before > 0, warped.vertex_areas() / before, np.nan)
+
+
+def regional_summary(mesh: Mesh, values: np.ndarray, regions: np.ndarray | str,
+                     names: dict[int, str] | None = None) -> list[dict[str, object]]:
+    """Per-region summaries of a per-vertex array: area-weighted mean, median, 5th and 95th percentiles, area.
+
+    Parameters
+    ----------
+    mesh : Mesh
+    values : array (V,)
+        E.g. the normal displacement (mm) or the local area change.
+    regions : int array (V,) or str
+        A region id per vertex, or the name of an integer point array of ``mesh`` (e.g. ``"Cartilage Region"``).
+    names : dict of int to str, optional
+        Region names for the rows (default ``region_<id>``).
+    """
+    values = _per_vertex(mesh, values, "values")
+    if isinstance(regions, str):
+        if regions not in mesh.point_data:
+            raise ValueError(f"mesh has no point array {regions!r}; it has {sorted(mesh.point_data)}")
+        regions = mesh.point_data[regions]
+    regions = np.asarray(regions)
+    if regions.shape != (mesh.n_vertices,):
+        raise ValueError(f"regions must hold one id per vertex ({mesh.n_vertices},), got {regions.shape}")
+    areas = mesh.vertex_areas()
+    rows = []
+    for region in np.unique(regions):
+        inside = (regions == region) & np.isfinite(values)
+        weights, picked = areas[inside], values[inside]
+        row = {"region": (names or {}).get(int(region), f"region_{int(region)}"), "id": int(region),
+               "area_mm2": float(weights.sum())}
+        if weights.sum() > 0:
+            row.update(mean=float(weights @ picked / weights.sum()), median=float(np.median(picked)),
+                       p05=float(np.percentile(picked, 5)), p95=float(np.percentile(picked, 95)))
+        else:
+            row.update(mean=float("nan"), median=float("nan"), p05=float("nan"), p95=float("nan"))
+        rows.append(row)
+    return rows
+
+
+def _per_vertex(mesh: Mesh, values: np.ndarray, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (mesh.n_vertices,):
+        raise ValueError(f"{name} must hold one value per vertex ({mesh.n_vertices},), got {values.shape}")
+    return values
