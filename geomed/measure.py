@@ -244,10 +244,9 @@ class Measure:
         areas = mesh.triangle_areas()
         normals = mesh.triangle_normals()
         if lumped:
-            vertex_weights = np.zeros(mesh.n_vertices)
+            vertex_weights = mesh.vertex_areas()
             vertex_normals = np.zeros((mesh.n_vertices, 3))
             for corner in range(3):
-                np.add.at(vertex_weights, mesh.triangles[:, corner], areas / 3.0)
                 np.add.at(vertex_normals, mesh.triangles[:, corner], normals * areas[:, None])
             length = np.linalg.norm(vertex_normals, axis=1)
             keep = (vertex_weights > 0) & (length > 0)

@@ -49,13 +49,6 @@ def _hippocampus(donor: str) -> Mesh:
     return mesh.transformed(np.block([[np.eye(3), -mesh.vertices.mean(0)[:, None]], [np.zeros((1, 3)), 1.0]]))
 
 
-def _vertex_areas(mesh: Mesh) -> torch.Tensor:
-    areas = np.zeros(mesh.n_vertices)
-    for corner in range(3):
-        np.add.at(areas, mesh.triangles[:, corner], mesh.triangle_areas() / 3)
-    return torch.tensor(areas, dtype=torch.float32)
-
-
 def _loss(name: str, vertices: torch.Tensor, source: Mesh, masses: torch.Tensor, target: Mesh) -> torch.Tensor:
     if name == "varifold":
         return varifold_distance(Measure.from_triangles(vertices, source.triangles),
@@ -74,7 +67,7 @@ def _surface_distance(points: torch.Tensor, target: torch.Tensor) -> float:
 
 def _flow(name: str, source: Mesh, target: Mesh, steps: int, first_step: float, snapshots: list[int]):
     vertices = torch.tensor(source.vertices, dtype=torch.float32)
-    masses = _vertex_areas(source)
+    masses = torch.tensor(source.vertex_areas(), dtype=torch.float32)
     mobility = masses / masses.sum() if name != "varifold" else masses
     target_points = torch.tensor(target.vertices, dtype=torch.float32)
     frames, history, step_size = {}, [], None
