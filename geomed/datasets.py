@@ -9,6 +9,7 @@ Everything loads in world RAS millimetres, with label names attached to label ma
 >>> brain = datasets.brain_labels("9861")          # Image with label_names
 >>> femur = datasets.femur(1)                      # Mesh with cartilage thickness (mm)
 >>> t1, labels = datasets.mni_hippocampi()         # MNI T1 crop and its hippocampus labels, same grid
+>>> ventricles = datasets.mni_lateral_ventricles()  # MNI lateral ventricles, labels 1 (left) and 2 (right)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ BRAIN_DONORS = ("9861", "10021", "12876", "14380", "15496", "15697")
 KNEES = ("A", "B", "C")
 FEMURS = (1, 2, 3, 4, 5)
 HEART_PARTS = ("lv", "rv", "septum")
+MNI_VENTRICLE_NAMES = {1: "left_lateral_ventricle", 2: "right_lateral_ventricle"}
 KNEE_LABEL_NAMES = {
     1: "femoral_cartilage",
     2: "medial_tibial_cartilage",
@@ -119,6 +121,27 @@ def mni_hippocampi() -> tuple[Image, Image]:
     t1 = read_image(_data_file("brain", "mni_hippocampi_t1.nii.gz"))
     labels = read_image(_data_file("brain", "mni_hippocampi_labels.nii.gz"))
     return t1, _with_present_names(labels, brain_label_names())
+
+
+def mni_lateral_ventricles() -> Image:
+    """Label map of the two lateral brain ventricles, derived from the ICBM152 2009a symmetric template.
+
+    A 75×94×39 box (1 mm, uint8) of the MNI152 2009a grid: the bounding box of both lateral ventricles plus a 4 mm
+    margin, world positions unchanged. The ventricles are the CSF inside the brain (grey + white matter probability
+    < 0.2 within the hole-filled brain mask, T1 < 120) split by the septum into one connected component per side,
+    with enclosed holes filled: 6.0 mL each (5998 voxels), mirror images of each other as the template is
+    symmetric. The frontal horns, bodies, atria and occipital horns are included; the thin temporal horns and the
+    third ventricle are not. Made by ``tools/make_mni_ventricles.py``; see :func:`attribution` for the MNI
+    copyright notice.
+
+    Returns
+    -------
+    Image
+        uint8 label map, affine voxel → RAS mm; ``label_names``
+        ``{1: "left_lateral_ventricle", 2: "right_lateral_ventricle"}`` (left is world x < 0).
+    """
+    labels = read_image(_data_file("brain", "mni_ventricles_labels.nii.gz"))
+    return _with_present_names(labels, MNI_VENTRICLE_NAMES)
 
 
 def knee_labels(name: str) -> Image:

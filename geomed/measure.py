@@ -244,13 +244,9 @@ class Measure:
         areas = mesh.triangle_areas()
         normals = mesh.triangle_normals()
         if lumped:
-            vertex_weights = mesh.vertex_areas()
-            vertex_normals = np.zeros((mesh.n_vertices, 3))
-            for corner in range(3):
-                np.add.at(vertex_normals, mesh.triangles[:, corner], normals * areas[:, None])
-            length = np.linalg.norm(vertex_normals, axis=1)
-            keep = (vertex_weights > 0) & (length > 0)
-            points, weights, unit = mesh.vertices[keep], vertex_weights[keep], vertex_normals[keep] / length[keep, None]
+            vertex_weights, vertex_normals = mesh.vertex_areas(), mesh.vertex_normals()
+            keep = (vertex_weights > 0) & (np.linalg.norm(vertex_normals, axis=1) > 0)
+            points, weights, unit = mesh.vertices[keep], vertex_weights[keep], vertex_normals[keep]
         else:
             keep = areas > 0
             points, weights, unit = mesh.triangle_centroids()[keep], areas[keep], normals[keep]

@@ -92,6 +92,25 @@ class Mesh:
             np.add.at(areas, self.triangles[:, corner], self.triangle_areas() / 3.0)
         return areas
 
+    def vertex_area_vectors(self) -> np.ndarray:
+        """A third of the area vectors (area × unit normal) of each vertex's triangles, shape (V, 3), mm².
+
+        Moving vertex v by δ_v changes the enclosed volume by Σ_v δ_v · N_v to first order; |N_v| ≤ the vertex
+        area, less where the surface folds (the crumpled corners of a surface from a voxel mask).
+        """
+        weighted = self.triangle_normals() * self.triangle_areas()[:, None] / 3.0
+        vectors = np.zeros_like(self.vertices, dtype=np.float64)
+        for corner in range(3):
+            np.add.at(vectors, self.triangles[:, corner], weighted)
+        return vectors
+
+    def vertex_normals(self) -> np.ndarray:
+        """Area-weighted unit vertex normals, shape (V, 3) (outward for a closed, outward-wound mesh); a vertex
+        with no area gets a zero normal."""
+        vectors = self.vertex_area_vectors()
+        length = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.divide(vectors, length, out=np.zeros_like(vectors), where=length > 0)
+
     def triangle_normals(self) -> np.ndarray:
         """Unit normals of the triangles (right-hand rule on the vertex order), shape (F, 3).
 

@@ -1,16 +1,17 @@
-r"""Morphometry: volumes and areas of meshes and masks (mm³, mm²), and what a registration says of their change.
+r"""Morphometry: volumes and areas of meshes and masks (mm³, mm²), and where and how much a shape changed.
 
-A registration φ of a baseline surface onto a follow-up gives, per vertex, the displacement φ(x) − x and its
-component along the outward normal (outward > 0: growth). Two estimates of the volume change then answer "how
-much", and should agree:
+Between a baseline surface and a follow-up, two estimates of the volume change answer "how much", and should
+agree:
 
 - **direct**: the difference of the enclosed volumes (divergence theorem on each closed surface, or voxel counts);
-- **registration-based** (SIENA-like): the flux of the normal displacement through the baseline surface,
-  :math:`\Delta V pprox \sum_v A_v\, d_v` (vertex area times normal displacement) — first order in d, and local:
-  the same sum over a region says *where* the change is.
+- **registration-based** (SIENA-like): align the two (a rigid registration takes out the change of position),
+  measure how far each baseline vertex moves along its outward normal to reach the follow-up surface (its *normal
+  displacement* d_v, mm, > 0 outwards), and take the volume enclosed by the moved surface. To first order the
+  change is the flux :math:`\Delta V \approx \sum_v A_v\, d_v` (vertex area times normal displacement), and the
+  same sum over a region says *where* the change is.
 
-:func:`percent_volume_change` reports both and their disagreement; :func:`local_area_change` and
-:func:`regional_summary` map the change over the surface.
+:func:`percent_volume_change` reports both and their disagreement; :func:`surface_change`,
+:func:`local_area_change` and :func:`regional_summary` map the change over the surface.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def _surface_row(row: dict[str, object], mesh: Mesh) -> dict[str, object]:
 
 
 def flux_volume_change(mesh: Mesh, normal_displacement: np.ndarray) -> float:
-    """Volume swept by moving each vertex of a closed surface along its outward normal: Σ_v A_v d_v, in mm³.
+    """Volume swept by moving each vertex of a closed surface along its outward normal, to first order, in mm³:
+    Σ_v |N_v| d_v with N_v the vertex's area vector (:meth:`Mesh.vertex_area_vectors`; its length is the vertex
+    area where the surface is smooth, less in folds, which the plain vertex area would overcount).
 
     Parameters
     ----------
@@ -143,41 +146,79 @@ def flux_volume_change(mesh: Mesh, normal_displacement: np.ndarray) -> float:
         Per-vertex displacement along the outward normal (mm).
     """
     values = _per_vertex(mesh, normal_displacement, "normal_displacement")
-    return float(mesh.vertex_areas() @ values)
+    return float(np.linalg.norm(mesh.vertex_area_vectors(), axis=1) @ values)
 
 
-def percent_volume_change(baseline: Mesh, follow_up: Mesh | Image, registration=None) -> dict[str, float]:
-    """Percent volume change from ``baseline`` to ``follow_up``, directly and from a registration.
+def surface_change(baseline: Mesh, follow_up: Mesh, transform=None, *, max_distance: float = 3.0) -> Mesh:
+    """The baseline surface carried onto the follow-up: by ``transform`` (e.g. a rigid registration, which takes
+    out the change of position), then along its outward normals onto the follow-up surface.
+
+    Parameters
+    ----------
+    baseline, follow_up : Mesh
+        Closed, outward-wound surfaces (mm).
+    transform : geomed Transform, optional
+        φ mapping baseline space to follow-up space (``geomed.register(baseline, follow_up).transform``); default:
+        the two are already aligned.
+    max_distance : float
+        Largest normal displacement searched (mm); vertices with no crossing within it keep φ(x) and get NaN.
+
+    Returns
+    -------
+    Mesh
+        φ(baseline) moved along its vertex normals onto ``follow_up`` (same triangles as ``baseline``), with point
+        arrays ``normal displacement`` (mm, > 0 outwards: growth; measured by
+        :func:`geomed.surface.distance_along_normals`) and ``area change`` (local area ratio after/before the
+        normal motion, :func:`local_area_change`).
+    """
+    from .surface import distance_along_normals
+
+    aligned = baseline
+    if transform is not None:
+        aligned = Mesh(transform(np.asarray(baseline.vertices, dtype=np.float64)), baseline.triangles)
+    distance = distance_along_normals(aligned, follow_up, max_distance=max_distance)
+    missing = np.isnan(distance)
+    if missing.any():
+        logger.warning("%d of %d vertices found no follow-up surface within %g mm along their normals",
+                       int(missing.sum()), len(distance), max_distance)
+    moved = aligned.vertices + np.where(missing, 0.0, distance)[:, None] * aligned.vertex_normals()
+    carried = Mesh(moved, baseline.triangles, dict(baseline.point_data), dict(baseline.cell_data))
+    return carried.with_point_data(**{"normal displacement": distance,
+                                      "area change": local_area_change(aligned, carried)})
+
+
+def percent_volume_change(baseline: Mesh, follow_up: Mesh | Image, transform=None, *,
+                          max_distance: float = 3.0) -> dict[str, float]:
+    """Percent volume change from ``baseline`` to ``follow_up``, directly and from the surface motion.
 
     Parameters
     ----------
     baseline : Mesh
         Closed baseline surface.
     follow_up : Mesh or Image
-        Closed follow-up surface, or mask (voxel occupancies).
-    registration : RegistrationResult, optional
-        ``geomed.register(baseline, follow_up, ...)``: its warped baseline carries the ``normal displacement``.
+        Closed follow-up surface, or mask (voxel occupancies; direct estimate only).
+    transform : geomed Transform, optional
+        Baseline → follow-up alignment (a rigid registration); with a mesh follow-up it enables the
+        registration-based estimate.
 
     Returns
     -------
     dict
-        ``baseline_volume_mm3``, ``direct_percent`` (100·(V₁ − V₀)/V₀); with a registration also
-        ``registration_percent`` (100·flux/V₀, :func:`flux_volume_change`), ``warped_percent`` (the enclosed
-        volume of the warped baseline: exact for the map, whatever its size) and ``disagreement_pp`` (direct −
+        ``baseline_volume_mm3``, ``direct_percent`` (100·(V₁ − V₀)/V₀, the two enclosed volumes); for a mesh
+        follow-up also ``registration_percent`` (SIENA-like: the volume enclosed by the baseline surface moved
+        along its normals onto the follow-up, :func:`surface_change` — it says *where* as well as how much),
+        ``flux_percent`` (its first-order part, 100·Σ |N_v| d_v / V₀, :func:`flux_volume_change`) and ``disagreement_pp`` (direct −
         registration, percentage points).
     """
     before = volume(baseline)
     if before <= 0:
         raise ValueError(f"baseline encloses a non-positive volume ({before:g} mm³): is it closed and outward-wound?")
     row = {"baseline_volume_mm3": before, "direct_percent": 100.0 * (volume(follow_up) - before) / before}
-    if registration is not None:
-        warped = registration.warped
-        if not isinstance(warped, Mesh) or warped.n_vertices != baseline.n_vertices:
-            raise ValueError("registration must be geomed.register(baseline, ...): its warped mesh has "
-                             f"{getattr(warped, 'n_vertices', 'no')} vertices, the baseline {baseline.n_vertices}")
-        flux = flux_volume_change(baseline, warped.point_data["normal displacement"])
-        row["registration_percent"] = 100.0 * flux / before
-        row["warped_percent"] = 100.0 * (volume(warped) - before) / before
+    if isinstance(follow_up, Mesh):
+        carried = surface_change(baseline, follow_up, transform, max_distance=max_distance)
+        distance = np.nan_to_num(carried.point_data["normal displacement"])
+        row["registration_percent"] = 100.0 * (volume(carried) - before) / before
+        row["flux_percent"] = 100.0 * flux_volume_change(baseline, distance) / before
         row["disagreement_pp"] = row["direct_percent"] - row["registration_percent"]
     return row
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from geomed import Image, Measure, Mesh, datasets, read_image, read_mesh
 
@@ -70,6 +71,31 @@ def test_mni_hippocampi():
         assert 6.0 < float(hippocampi[name].total_mass) / 1000 < 7.5
         assert side * float(hippocampi[name].points[:, 0].mean()) > 20, "RAS: left is x < 0"
     assert t1.array.max() > 200 and np.unique(t1.array).size > 100
+    assert "Copyright (C) 1993–2009 Louis Collins" in datasets.attribution(), "the MNI licence needs its notice"
+
+
+def _components(mask: np.ndarray) -> int:
+    """Number of face-connected (6-connected) components of a boolean volume."""
+    components = sitk.ConnectedComponentImageFilter()  # fully_connected off: faces only
+    components.Execute(sitk.GetImageFromArray(mask.astype(np.uint8)))
+    return components.GetObjectCount()
+
+
+def test_mni_lateral_ventricles():
+    ventricles = datasets.mni_lateral_ventricles()
+    assert isinstance(ventricles, Image) and ventricles.array.dtype == np.uint8
+    assert dict(ventricles.label_names) == {1: "left_lateral_ventricle", 2: "right_lateral_ventricle"}
+    assert sorted(np.unique(ventricles.array).tolist()) == [0, 1, 2]
+    voxel = abs(np.linalg.det(ventricles.affine[:3, :3]))
+    centroid = {}
+    for label, side in ((1, -1), (2, 1)):
+        mask = ventricles.array == label
+        assert _components(mask) == 1, f"label {label} is one connected component"
+        assert 3.0 < mask.sum() * voxel / 1000 < 12.0, "a lateral ventricle holds a few mL"
+        world = ventricles.index_to_world(np.argwhere(mask))
+        assert (side * world[:, 0] > 0).all(), "RAS: the left ventricle lies at x < 0, the right at x > 0"
+        centroid[label] = world.mean(axis=0)
+    assert abs(-centroid[1][0] - centroid[2][0]) < 5.0, "the two ventricles mirror each other"
     assert "Copyright (C) 1993–2009 Louis Collins" in datasets.attribution(), "the MNI licence needs its notice"
 
 
@@ -156,3 +182,19 @@ def test_mni_hippocampi_crop_is_the_original(shared_data):
     np.testing.assert_array_equal(labels.array[tuple(index.T)], np.where(np.isin(original, [40, 81]), original, 0))
     for label in (40, 81):
         assert (labels.array == label).sum() == (atlas.array == label).sum(), "the crop holds the whole hippocampus"
+
+
+def test_mni_ventricles_are_template_csf(shared_data):
+    ventricles = datasets.mni_lateral_ventricles()
+    folder = shared_data / "brain" / "mni152_2009a"
+    t1, gm, wm = (read_image(folder / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz") for k in ("t1", "gm", "wm"))
+    index = np.argwhere(ventricles.array > 0)
+    world = ventricles.index_to_world(index)
+    inside = np.rint(t1.world_to_index(world)).astype(int)
+    assert (inside >= 0).all() and (inside < t1.shape).all(), "the crop lies inside the template grid"
+    np.testing.assert_allclose(t1.index_to_world(inside), world, atol=1e-6)
+    at = tuple(inside.T)
+    tissue = gm.array[at].astype(int) + wm.array[at]
+    csf = (tissue < 0.2 * 255) & (t1.array[at] < 120)
+    assert csf.mean() > 0.99, "only the filled holes may be other than dark, tissue-free voxels"
+    assert (tissue < 0.5 * 255).all()

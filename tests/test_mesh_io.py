@@ -41,19 +41,9 @@ def femur() -> Mesh:
     return datasets.femur(1)
 
 
-def _vertex_normals(mesh: Mesh) -> np.ndarray:
-    """Area-weighted unit vertex normals (a real 'Normals' array as vtk's filters would make)."""
-    a, b, c = (mesh.vertices[mesh.triangles[:, k]] for k in range(3))
-    cross = np.cross(b - a, c - a)  # twice the area times the unit normal
-    normals = np.zeros_like(mesh.vertices)
-    for k in range(3):
-        np.add.at(normals, mesh.triangles[:, k], cross)
-    return normals / np.linalg.norm(normals, axis=1, keepdims=True)
-
-
 @pytest.fixture(scope="module")
 def septum_with_normals(septum) -> Mesh:
-    return septum.with_point_data(Normals=_vertex_normals(septum))
+    return septum.with_point_data(Normals=septum.vertex_normals())
 
 
 def _corners(mesh: Mesh) -> np.ndarray:

@@ -130,7 +130,7 @@ def summarise(transform: Transform, moving, *, history, timings, model, backend)
     displacement = (moved - points).numpy()
     normal = None
     if isinstance(moving, Mesh):
-        normal = np.einsum("ij,ij->i", displacement, _vertex_normals(moving))
+        normal = np.einsum("ij,ij->i", displacement, moving.vertex_normals())
         warped = Mesh(moved.numpy(), moving.triangles, dict(moving.point_data), dict(moving.cell_data))
         warped = warped.with_point_data(**{"displacement": displacement, "normal displacement": normal,
                                            "jacobian": jacobian})
@@ -138,11 +138,3 @@ def summarise(transform: Transform, moving, *, history, timings, model, backend)
         warped = Measure(moved.to(moving.dtype), moving.weights, moving.normals, moving.labels)
     return RegistrationResult(transform, warped, displacement, normal, jacobian, history, timings, model, backend)
 
-
-def _vertex_normals(mesh: Mesh) -> np.ndarray:
-    """Area-weighted unit vertex normals (outward for a closed, consistently oriented mesh)."""
-    weighted = mesh.triangle_normals() * mesh.triangle_areas()[:, None]
-    normals = np.zeros_like(mesh.vertices)
-    for corner in range(3):
-        np.add.at(normals, mesh.triangles[:, corner], weighted)
-    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
