@@ -22,7 +22,7 @@ install: $(BIN)/.installed
 
 demo: install
 	mkdir -p demo_output
-	$(BIN)/geomed measure --output demo_output/measurements.csv
+	$(BIN)/geomed demo --output demo_output
 
 test: install
 	mkdir -p $(KEOPS_CACHE_FOLDER)

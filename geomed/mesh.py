@@ -104,10 +104,24 @@ class Mesh:
             np.add.at(vectors, self.triangles[:, corner], weighted)
         return vectors
 
-    def vertex_normals(self) -> np.ndarray:
+    def vertex_normals(self, smoothing: int = 0) -> np.ndarray:
         """Area-weighted unit vertex normals, shape (V, 3) (outward for a closed, outward-wound mesh); a vertex
-        with no area gets a zero normal."""
+        with no area gets a zero normal.
+
+        ``smoothing`` > 0 averages the area vectors over that many rings of neighbours first: the normal of the
+        underlying smooth surface where a mesh from a voxel mask is crumpled at the scale of its edges.
+        """
         vectors = self.vertex_area_vectors()
+        if smoothing:
+            from scipy.sparse import coo_matrix
+
+            pairs = self.triangles[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+            rows = np.concatenate([pairs[:, 0], pairs[:, 1], np.arange(self.n_vertices)])
+            columns = np.concatenate([pairs[:, 1], pairs[:, 0], np.arange(self.n_vertices)])
+            ring = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(self.n_vertices,) * 2).tocsr()
+            ring.data[:] = 1.0
+            for _ in range(smoothing):
+                vectors = ring @ vectors
         length = np.linalg.norm(vectors, axis=1, keepdims=True)
         return np.divide(vectors, length, out=np.zeros_like(vectors), where=length > 0)
 

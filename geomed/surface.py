@@ -142,17 +142,20 @@ def distance_to_surface(points: np.ndarray, mesh: Mesh) -> np.ndarray:
     return np.abs(numpy_support.vtk_to_numpy(signed))
 
 
+NORMAL_SMOOTHING = 2  # rings of neighbours over which the ray directions and Phong normals are averaged
+
+
 def distance_along_normals(surface: Mesh, target: Mesh, *, max_distance: float = 3.0,
                            candidates: int = 16) -> np.ndarray:
     """Signed distance (mm) from each vertex of ``surface`` along its outward normal to ``target``, shape (V,).
 
-    Each vertex casts a line along its area-weighted vertex normal; the nearest crossing of a ``target`` triangle
-    not facing the other way (within 120°, so that the far side of a thin sheet, e.g. cartilage, is never taken,
-    while the crumpled corners of a surface from a voxel mask still are), within ``max_distance``, is kept: > 0
-    when the target lies outside the vertex. A vertex whose line finds no crossing (a crease where the neighbouring
-    triangles fold back) takes the distance to the tangent plane of the nearest target vertex, along its normal; NaN
-    remains where that too is beyond ``max_distance`` (an open rim, or a larger change). This is the edge motion of
-    SIENA measured on surfaces.
+    Each vertex casts a line along its normal, averaged over ``NORMAL_SMOOTHING`` rings of neighbours (the
+    normal of the smooth surface, not of the crumpled corners a surface from a voxel mask has at the scale of its
+    edges). Of the crossings of ``target`` triangles within ``max_distance`` that do not face the other way (within
+    120°: the far side of a thin sheet, e.g. cartilage, is never taken), the one nearest to a first guess is kept:
+    the distance to the tangent plane of the nearest target vertex. > 0 when the target lies outside the vertex.
+    A vertex whose line finds no crossing keeps that guess; NaN remains where the guess too is beyond
+    ``max_distance`` (an open rim, or a larger change). This is the edge motion of SIENA measured on surfaces.
 
     A triangle mesh cuts the corners of the smooth surface it samples (by ≈ h²κ/8 for edges of length h on
     curvature κ, hundredths to tenths of a millimetre on a hippocampus mesh from a 1 mm mask), which would read as
@@ -177,8 +180,8 @@ def distance_along_normals(surface: Mesh, target: Mesh, *, max_distance: float =
             raise ValueError(f"{name} must be a triangle Mesh with triangles")
     from scipy.spatial import cKDTree
 
-    origins, directions = surface.vertices.astype(np.float64), surface.vertex_normals()
-    target_normals = target.vertex_normals()
+    origins, directions = surface.vertices.astype(np.float64), surface.vertex_normals(NORMAL_SMOOTHING)
+    target_normals = target.vertex_normals(NORMAL_SMOOTHING)
     _, nearest = cKDTree(target.vertices).query(origins)
     facing = np.maximum(np.einsum("ij,ij->i", directions, target_normals[nearest]), 0.5)
     plane = np.einsum("ij,ij->i", target.vertices[nearest] - origins, target_normals[nearest]) / facing
@@ -192,10 +195,11 @@ def distance_along_normals(surface: Mesh, target: Mesh, *, max_distance: float =
         triangles = triangles.reshape(len(origins), count)
         along, hit = _phong_crossings(origins, directions, target, target_normals, triangles)
         hit &= np.abs(along) <= max_distance
-        pick = np.argmin(np.where(hit, np.abs(along), np.inf), axis=1)
+        gap = np.abs(along - guess[:, None])
+        pick = np.argmin(np.where(hit, gap, np.inf), axis=1)
         rows = np.arange(len(origins))
-        closer = hit[rows, pick] & (np.abs(along[rows, pick]) < best)
-        best[closer] = np.abs(along[rows, pick][closer])
+        closer = hit[rows, pick] & (gap[rows, pick] < best)
+        best[closer] = gap[rows, pick][closer]
         distance[closer] = along[rows, pick][closer]
     fallback = np.isnan(distance) & (np.abs(plane) <= max_distance)
     distance[fallback] = plane[fallback]
