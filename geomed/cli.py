@@ -260,8 +260,6 @@ def _print_study(result) -> None:
 
 
 def _run_distance(args: argparse.Namespace) -> int:
-    import torch
-
     from .measure import Measure
     from .morphometry import volume
     from .ot import sinkhorn_divergence
@@ -273,8 +271,7 @@ def _run_distance(args: argparse.Namespace) -> int:
         raise ValueError(f"--blur must be positive (mm), got {args.blur}")
     forward, backward = distance_to_surface(first.vertices, second), distance_to_surface(second.vertices, first)
     both = np.concatenate([forward, backward])
-    divergence = float(sinkhorn_divergence(Measure.from_mesh(first, dtype=torch.float64),
-                                           Measure.from_mesh(second, dtype=torch.float64), blur=args.blur).value)
+    divergence = float(sinkhorn_divergence(Measure.from_mesh(first), Measure.from_mesh(second), blur=args.blur).value)
     report = {
         "mean_surface_distance_mm": float(both.mean()), "surface_distance_p95_mm": float(np.percentile(both, 95)),
         "hausdorff_mm": float(both.max()), "sinkhorn_divergence_mm2": divergence,

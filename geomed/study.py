@@ -205,6 +205,7 @@ def run_study(
     rows = read_study_table(table)
     output = Path(output)
     (output / "subjects").mkdir(parents=True, exist_ok=True)
+    _remove_interrupted_writes(output / "subjects")
     jobs = {}
     for subject, scans in rows.groupby("subject", sort=True):
         records = [{key: _json_value(value) for key, value in record.items()} for record in scans.to_dict("records")]
@@ -231,6 +232,17 @@ def run_study(
         result.report = write_report(result, parameters, table=Path(table))
     result.timings["total"] = time.perf_counter() - start
     return result
+
+
+def _remove_interrupted_writes(folder: Path) -> None:
+    """Delete what a killed run left half-written: the hidden ``.<subject>.*.partial`` / ``.previous`` folders of
+    :func:`geomed._files.atomic_path` (finished subjects are never among them)."""
+    import shutil
+
+    for leftover in folder.glob(".*"):
+        if leftover.is_dir() and leftover.name.endswith((".partial", ".previous")):
+            logger.info("removing %s, left by an interrupted run", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _subject_key(records: list[dict], parameters: StudyParameters) -> str:
@@ -283,8 +295,9 @@ def _measure(pending: dict, output: Path, parameters: StudyParameters, scheduler
         dask_logger.setLevel(logging.WARNING)
     if scheduler is None:
         threads = workers or max(1, min(2, os.cpu_count() or 1))
-        cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=threads, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+        # Dask's scheduler always serves HTTP (health, dashboard): on a free loopback port, not the shared :8787.
+        cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=threads,
+                               dashboard_address="127.0.0.1:0")
         client = Client(cluster, set_as_default=False)
     else:
         client = Client(scheduler, set_as_default=False)
@@ -438,7 +451,8 @@ def _assemble(output: Path, jobs: dict, outcomes: dict, failures: list[dict]) ->
         _write_table(frame, output / name)
     with atomic_path(output / "failures.csv") as partial:
         failed.to_csv(partial, index=False)
-    stale = sorted({p.name for p in (output / "subjects").iterdir() if p.is_dir()} - set(jobs))
+    stale = sorted({p.name for p in (output / "subjects").iterdir() if p.is_dir() and not p.name.startswith(".")}
+                   - set(jobs))
     if stale:
         logger.info("output holds %d subjects no longer in the table (left untouched): %s", len(stale), stale[:5])
     return StudyResult(output, scans, changes, rates, groups, failed)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from geomed import datasets, write_image, write_mesh
@@ -86,7 +88,7 @@ def test_unknown_command_is_an_argparse_error(capsys):
 
 
 @pytest.mark.slow
-def test_main_job_measures_all_bundled_anatomy(tmp_path, capsys):
+def test_measure_all_bundled_anatomy(tmp_path, capsys):
     output = tmp_path / "measurements.csv"
     assert main(["measure", "-o", str(output)]) == 0
     with open(output, newline="") as stream:
@@ -126,3 +128,54 @@ def test_register_writes_the_warped_mesh_transform_and_report(tmp_path, capsys):
     transform = sitk.ReadTransform(str(out / "transform.h5"))  # fixed → moving in LPS: −t = (−2, 1, −1) RAS
     np.testing.assert_allclose(transform.TransformPoint((0.0, 0.0, 0.0)), [2.0, -1.0, -1.0], atol=0.3)
     assert "wrote warped.vtp" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_main_job_demo_on_a_reduced_cohort(tmp_path, capsys):
+    """`geomed demo` end to end (one subject per group, hippocampus and ventricles): the report, its figures, the
+    tables and the validation against the exact truth."""
+    output = tmp_path / "demo"
+    assert main(["demo", "-o", str(output), "--subjects", "1", "--structures", "hippocampus",
+                 "lateral_ventricles"]) == 0
+    printed = capsys.readouterr()
+    assert "hippocampus" in printed.out and "patient" in printed.out
+    assert "index.html" in printed.err and "error vs truth: median" in printed.err
+    page = (output / "index.html").read_text()
+    for image in re.findall(r'<img src="([^"]+)"', page):
+        assert (output / image).is_file()
+    validation = pd.read_csv(output / "validation.csv")
+    assert len(validation) == 2 * 2 * 3  # subjects x structures x (rescan + 2 intervals)
+    assert validation["error_pp"].abs().max() < 0.1
+    assert (output / "cohort" / "cohort.csv").is_file() and (output / "changes.parquet").is_file()
+
+
+def test_study_and_demo_help_read_well():
+    for command, needles in (("study", ("TABLE", "--scheduler", "tcp://", "examples:", "re-run skips")),
+                             ("demo", ("--subjects", "index.html", "examples:")),
+                             ("distance", ("--blur", "Hausdorff", "examples:"))):
+        result = subprocess.run([sys.executable, "-m", "geomed.cli", command, "--help"], capture_output=True,
+                                text=True, check=True)
+        for needle in needles:
+            assert needle in result.stdout, (command, needle)
+
+
+def test_distance_between_two_hippocampi(tmp_path, capsys):
+    """Surface distances against an independent computation (VTK's point-to-surface distance both ways), and the
+    Sinkhorn divergence is 0 for a shape and itself."""
+    from geomed import mask_to_mesh
+    from geomed.surface import distance_to_surface
+
+    first, second = (mask_to_mesh(datasets.brain_labels(donor), "left_hippocampus") for donor in ("9861", "10021"))
+    write_mesh(first, tmp_path / "a.vtp")
+    write_mesh(second, tmp_path / "b.vtp")
+    assert main(["distance", str(tmp_path / "a.vtp"), str(tmp_path / "b.vtp"), "--json", "--blur", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    both = np.concatenate([distance_to_surface(first.vertices, second), distance_to_surface(second.vertices, first)])
+    assert report["mean_surface_distance_mm"] == pytest.approx(both.mean(), rel=1e-9)
+    assert report["hausdorff_mm"] == pytest.approx(both.max(), rel=1e-9)
+    assert report["sinkhorn_divergence_mm2"] > 1.0 and report["blur_mm"] == 2.0
+    assert report["volume_a_ml"] == pytest.approx(4.907, abs=0.01)
+    assert main(["distance", str(tmp_path / "a.vtp"), str(tmp_path / "a.vtp"), "--blur", "2"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"mean_surface_distance_mm\s+0\.0000", table)
+    assert float(re.search(r"sinkhorn_divergence_mm2\s+(\S+)", table).group(1)) == pytest.approx(0.0, abs=1e-3)

@@ -335,10 +335,12 @@ def test_batches_equal_per_item_results():
 
 
 # ---------------------------------------------------------------------------------------- robustness
-def test_identical_measures_give_zero_and_finite_gradients():
+@pytest.mark.parametrize("backend", ["auto", "multiscale"])
+def test_identical_measures_give_zero_and_finite_gradients(backend):
     a = _cloud(50, 14)
     points = a.points.clone().requires_grad_(True)
-    value = sinkhorn_divergence(Measure(points, a.weights), Measure(points, a.weights), blur=1.0).value
+    value = sinkhorn_divergence(Measure(points, a.weights), Measure(points, a.weights), blur=1.0,
+                                backend=backend).value
     assert float(value.detach()) == 0.0
     (gradient,) = torch.autograd.grad(value, points)
     assert torch.isfinite(gradient).all()

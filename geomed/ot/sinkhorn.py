@@ -345,7 +345,9 @@ def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | DenseGrid | None, ba
             item = _solve_item(pyramid, x, y, alpha, beta, **options)
             items = [grid.restrict(item) if isinstance(grid, SharedGrid) else item]
         elif name == "multiscale":
-            items = [_solve_item(_multiscale(x[i], y[i], alpha[i], beta[i], blur, p, rho_a, rho_b, debias),
+            # identical measures solve the cross problem only (S(α, α) = 0), so no symmetric levels are built
+            items = [_solve_item(_multiscale(x[i], y[i], alpha[i], beta[i], blur, p, rho_a, rho_b,
+                                             debias and not identical),
                                  x[i : i + 1], y[i : i + 1], alpha[i : i + 1], beta[i : i + 1], **options)
                      for i in range(len(x))]
         else:
@@ -396,6 +398,8 @@ def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, i
             geometry, epsilons, rho_a, rho_b, debias and not identical, tol, max_iter)
     if debias and identical:  # S(α, α) = 0 exactly: the symmetric problems are the cross problem
         potentials[2], potentials[3] = potentials[1], potentials[0]
+        geometry.softmins.setdefault("xx", geometry.softmins["xy"])
+        geometry.softmins.setdefault("yy", geometry.softmins["yx"])
     order_x, order_y = geometry.order or (None, None)
     xs, ys = (x, y) if order_x is None else (_gather(x, order_x), _gather(y, order_y))
     alphas, betas = (alpha, beta) if order_x is None else (torch.gather(alpha, 1, order_x), torch.gather(beta, 1, order_y))
