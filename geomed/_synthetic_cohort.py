@@ -36,7 +36,7 @@ from .image import Image
 from .io import write_mesh
 from .mesh import Mesh
 from .morphometry import enclosed_volume, volume
-from .surface import mask_to_mesh
+from .surface import mask_to_mesh, smooth_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ def synthetic_cohort(
 
 
 def _source_shapes(structure: str) -> list[Mesh]:
-    """The real shapes a structure's subjects start from (surfaces of label maps smoothed as a segmentation
-    pipeline's meshes are, ``_SMOOTHING`` windowed-sinc iterations)."""
+    """The real shapes a structure's subjects start from, smoothed as a segmentation pipeline's meshes are
+    (``_SMOOTHING`` windowed-sinc iterations; the raw LV mesh is folded at the scale of its 2 mm edges)."""
     if structure == "hippocampus":
         return [mask_to_mesh(datasets.brain_labels(donor), "left_hippocampus", smoothing_iterations=_SMOOTHING)
                 for donor in datasets.BRAIN_DONORS]
@@ -200,7 +200,7 @@ def _source_shapes(structure: str) -> list[Mesh]:
     if structure == "femoral_cartilage":
         return [mask_to_mesh(_resampled_mask(datasets.knee_labels(knee), 1), smoothing_iterations=_SMOOTHING)
                 for knee in datasets.KNEES]
-    return [datasets.heart_myocardium("lv")]
+    return [smooth_mesh(datasets.heart_myocardium("lv"), _SMOOTHING)]
 
 
 def _resampled_mask(labels: Image, label: int) -> Image:
