@@ -25,7 +25,8 @@ from .surface import METHODS
 
 logger = logging.getLogger("geomed")
 
-COLUMNS = ("source", "structure", "label", "voxels", "voxel_volume_ml", "surface_volume_ml", "surface_area_cm2", "closed")
+COLUMNS = ("source", "structure", "label", "voxels", "voxel_volume_ml", "surface_volume_ml", "surface_area_cm2",
+           "closed")
 DEMO_GROUPS = ("brain", "knee", "femur", "heart")
 
 _DESCRIPTION = """\
@@ -376,7 +377,8 @@ def _run_measure(args: argparse.Namespace) -> int:
         shape = load()
         logger.info("measuring %s: %r", source, shape)
         shape_labels = labels if isinstance(shape, Image) else None
-        rows.extend({"source": source, **row} for row in structure_measurements(shape, shape_labels, method=args.method))
+        measured = structure_measurements(shape, shape_labels, method=args.method)
+        rows.extend({"source": source, **row} for row in measured)
     sys.stdout.write(format_table(rows))
     if args.output:
         _write_table(rows, args.output)

@@ -45,7 +45,8 @@ def volume(shape: Mesh | Image, label: int | str | None = None) -> float:
         if shape.n_triangles == 0:
             raise ValueError("mesh has no triangles: it encloses no volume")
         if not shape.is_closed:
-            logger.warning("mesh has %d boundary edges: its enclosed volume is approximate", shape.boundary_edge_count())
+            logger.warning("mesh has %d boundary edges: its enclosed volume is approximate",
+                           shape.boundary_edge_count())
         return enclosed_volume(shape.vertices, shape.triangles)
     if isinstance(shape, Image):
         if shape.array.ndim != 3:

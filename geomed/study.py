@@ -84,6 +84,18 @@ class StudyParameters:
     max_distance: float = 3.0
     method: str = "surface_nets"
 
+    def __post_init__(self) -> None:
+        from .registration import PRESETS
+        from .surface import METHODS
+
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}")
+        if not (isinstance(self.max_distance, (int, float)) and math.isfinite(self.max_distance)
+                and self.max_distance > 0):
+            raise ValueError(f"max_distance must be a positive number of mm, got {self.max_distance!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
 
 @dataclass
 class StudyResult:
@@ -308,7 +320,10 @@ def _measure(pending: dict, output: Path, parameters: StudyParameters, scheduler
         with tqdm(total=len(futures), desc="subjects", unit="subject", disable=not progress) as bar:
             for future in as_completed(futures, loop=client.loop):
                 subject, key = futures[future]
-                outcome = future.result()
+                try:
+                    outcome = future.result()
+                except Exception as error:  # the task itself was lost (a worker died, a cluster went away)
+                    outcome = {"error": f"{type(error).__name__}: {error}"}
                 future.release()
                 if "error" in outcome:
                     failures.append({"subject": subject, "error": outcome["error"]})
@@ -418,7 +433,12 @@ def _interval(first: dict, second: dict, before: Mesh, after: Mesh, parameters: 
 
 def _map_name(structure: str, index: int, entries: list[dict]) -> str:
     first, second = entries[index], entries[index + 1]
-    return f"{structure}_{index:02d}_{float(first['years']):g}y_to_{float(second['years']):g}y"
+    return f"{file_stem(structure)}_{index:02d}_{float(first['years']):g}y_to_{float(second['years']):g}y"
+
+
+def file_stem(name: str) -> str:
+    """A structure name made safe as part of a file name (letters, digits, '.', '_', '-'; nothing else)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "shape"
 
 
 def _save_subject(output: Path, subject: str, key: str, outcome: dict) -> None:

@@ -14,6 +14,7 @@ from . import __version__
 from ._files import atomic_path
 from .io import read_mesh
 from .plotting import plot_surface
+from .study import file_stem
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def write_report(result, parameters, *, table: Path) -> Path:
             ax = figure.add_subplot(projection="3d")
             plot_surface(mesh, np.nan_to_num(rate), ax=ax, label="normal displacement (mm/year)",
                          title=f"{structure}: {subject}, year {start:g} to {end:g}")
-            name = f"change_map_{structure}.png"
+            name = f"change_map_{file_stem(structure)}.png"
             figures.append((f"Change map: {structure}", f"Where {subject}'s {structure} moved, annualised: blue "
                             "inwards (atrophy), red outwards (growth), on the baseline surface.",
                             _save(figure, folder / name)))
@@ -127,7 +128,8 @@ def _typical_map(result, structure: str):
     changes = changes.reset_index(drop=True)
     for index, row in changes.sort_values(["from_timepoint", "to_timepoint"]).iterrows():
         if row["interval_years"] > 0:
-            maps = sorted((result.output / "subjects" / subject / "maps").glob(f"{structure}_{index:02d}_*.vtp"))
+            folder = result.output / "subjects" / subject / "maps"
+            maps = sorted(folder.glob(f"{file_stem(structure)}_{index:02d}_*.vtp"))
             if maps:
                 return subject, maps[0], float(row["from_timepoint"]), float(row["to_timepoint"])
     return None

@@ -135,8 +135,8 @@ def test_a_corrupt_file_is_recorded_and_the_others_are_measured(cohort, tmp_path
 
 
 def test_label_map_inputs_with_dates(tmp_path):
-    """Label maps picked by label id (40: left hippocampus), timepoints as dates (years from each subject's first scan); the same
-    anatomy twice has no change."""
+    """Label maps picked by label id (40: left hippocampus), timepoints as dates (years from each subject's first
+    scan); the same anatomy twice has no change."""
     source = Path(datasets.__file__).parent / "data" / "brain" / "9861.nii.gz"
     for name in ("a.nii.gz", "b.nii.gz"):
         shutil.copy(source, tmp_path / name)
@@ -163,6 +163,16 @@ def test_bad_tables_are_refused_with_the_reason(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_study_table(path)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"preset": "liver"}, "preset must be one of"),
+    ({"max_distance": 0.0}, "max_distance must be a positive"),
+    ({"method": "marching"}, "method must be one of"),
+])
+def test_bad_parameters_are_refused_before_any_work(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        StudyParameters(**arguments)
 
 
 def test_missing_table_and_unknown_format(tmp_path):
