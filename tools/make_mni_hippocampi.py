@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from _grids import same_grid  # tools/_grids.py (the tools run as scripts from this folder)
 
 HIPPOCAMPI = (40, 81)
 MARGIN = 6
@@ -27,17 +28,8 @@ T1 = Path("brain", "mni152_2009a", "mni_icbm152_t1_tal_nlin_sym_09a_converted.ni
 ATLAS = Path("brain", "mni_dk_atlas.nii.gz")
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetOrigin(), b.GetOrigin())
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetDirection(), b.GetDirection())
-    )
-
-
 def _on_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    if _same_grid(labels, reference):
+    if same_grid(labels, reference):
         return labels
     return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
 

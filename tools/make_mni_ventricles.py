@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from _grids import same_grid  # tools/_grids.py (the tools run as scripts from this folder)
 
 T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
@@ -50,15 +51,6 @@ def _read(folder: Path, name: str) -> sitk.Image:
     return sitk.ReadImage(str(folder / name))
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetOrigin(), b.GetOrigin())
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetDirection(), b.GetDirection())
-    )
-
-
 def _ras_x(image: sitk.Image, index) -> float:
     """World RAS x (mm) of a voxel index (i, j, k), continuous or not; SimpleITK's physical space is LPS."""
     return -image.TransformContinuousIndexToPhysicalPoint([float(v) for v in index])[0]
@@ -74,7 +66,7 @@ def _side(image: sitk.Image, component: np.ndarray) -> int:
 
 def _ventricles(t1: sitk.Image, gm: sitk.Image, wm: sitk.Image) -> sitk.Image:
     for other in (gm, wm):
-        if not _same_grid(t1, other):
+        if not same_grid(t1, other):
             raise ValueError("the T1 and the probability maps must share one grid")
     tissue = sitk.GetArrayFromImage(gm).astype(np.int32) + sitk.GetArrayFromImage(wm)  # probability ×255
     intensity = sitk.GetArrayFromImage(t1)
