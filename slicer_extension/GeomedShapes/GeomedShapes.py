@@ -1,0 +1,259 @@
+"""GeomedShapes: register and measure brain, knee and heart shapes in 3D Slicer with geomed.
+
+Widget (GUI state and events only) over a logic that converts MRML nodes and calls geomed
+(``GeomedShapesLib.logic``, tested outside Slicer). geomed, and torch from the PyTorch extension, are imported on
+first Apply, never when the module opens.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import slicer
+import vtk
+from slicer import vtkMRMLModelNode, vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, Default, Maximum, Minimum, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+PRESETS = ("brain", "knee", "heart")
+MODELS = ("rigid", "similarity", "affine", "deformable", "diffeomorphic")
+
+
+class GeomedShapes(ScriptedLoadableModule):
+    """Module metadata (shown in Slicer's module list and help)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Geomed Shapes")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Shape Analysis")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["geomed developers"]
+        self.parent.helpText = _(
+            "Register a moving shape onto a fixed one (models, labelmaps or segments; rigid to diffeomorphic) with "
+            "optimal-transport (Sinkhorn) losses in millimetres, and measure volumes and their change over time. "
+            "Outputs are new nodes: a transform, the warped model coloured by its normal displacement, and a table "
+            "of quality metrics. See the geomed README, section '3D Slicer extension'.")
+        self.parent.acknowledgementText = _(
+            "geomed builds on PyTorch, KeOps, VTK, SimpleITK and MONAI. Demo anatomy: Allen Human Brain Atlas "
+            "(CC BY 4.0), mskt knees (MIT), Rodero et al. 2021 hearts (CC BY 4.0).")
+
+
+@parameterNodeWrapper
+class GeomedShapesParameterNode:
+    """The module's state, saved with the scene.
+
+    fixedNode, movingNode - what to register (model, labelmap or volume nodes)
+    label - label value to take from labelmap inputs (0: every non-zero voxel)
+    preset - anatomy scales (brain, knee, heart)
+    model - transform model
+    blur, reach - the deformable stages' Sinkhorn scales in mm (0: the preset's)
+    useGPU - run on CUDA when available
+    """
+
+    fixedNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode]  # noqa: UP007 (the wrapper reads typing.Union)
+    movingNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode]  # noqa: UP007
+    label: Annotated[int, Minimum(0), Default(0)]
+    preset: Annotated[str, Choice(list(PRESETS)), Default("brain")]
+    model: Annotated[str, Choice(list(MODELS)), Default("rigid")]
+    blur: Annotated[float, Minimum(0.0), Maximum(100.0), Default(0.0)]
+    reach: Annotated[float, Minimum(0.0), Maximum(1000.0), Default(0.0)]
+    useGPU: Annotated[bool, Default(False)]
+
+
+class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: node selectors, preset, model, loss scales, Apply / Cancel, progress. No computation here."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._cancelled = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/GeomedShapes.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = GeomedShapesLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.longitudinalButton.connect("clicked(bool)", self.onLongitudinalButton)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        ready = bool(self._parameterNode and self._parameterNode.fixedNode and self._parameterNode.movingNode)
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Register the moving shape onto the fixed one") if ready else _(
+            "Select fixed and moving shapes")
+
+    def onApplyButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            self._running(True)
+            try:
+                outputs = self.logic.process(self._parameterNode, progress=self._progress, cancel=self._cancel)
+                self.ui.backendLabel.text = outputs.result.backend
+                self.ui.qualityTable.setMRMLTableNode(outputs.table)
+            finally:
+                self._running(False)
+
+    def onLongitudinalButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Longitudinal measurement failed."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            nodes = self.ui.timepointsSelector.checkedNodes()
+            years = [float(text) for text in self.ui.yearsEdit.text.replace(",", " ").split()]
+            self._running(True)
+            try:
+                table, _model = self.logic.longitudinal(self._parameterNode, nodes, years, progress=self._progress,
+                                                        cancel=self._cancel)
+                self.ui.qualityTable.setMRMLTableNode(table)
+            finally:
+                self._running(False)
+
+    def onCancelButton(self) -> None:
+        self._cancelled = True
+
+    def _running(self, running: bool) -> None:
+        self._cancelled = False
+        self.ui.applyButton.enabled = not running
+        self.ui.cancelButton.enabled = running
+        self.ui.progressBar.setVisible(running)
+
+    def _progress(self, stage: str, iteration: int, value: float) -> None:
+        self.ui.progressBar.setFormat(f"{stage}: {iteration}")
+        self.ui.progressBar.setValue(iteration % 100)
+        slicer.app.processEvents()
+
+    def _cancel(self) -> bool:
+        return self._cancelled
+
+
+class GeomedShapesLogic(ScriptedLoadableModuleLogic):
+    """Calls the tested adapters of ``GeomedShapesLib.logic`` on Slicer's scene."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return GeomedShapesParameterNode(super().getParameterNode())
+
+    def ensureDependencies(self) -> bool:
+        """Install geomed on first use, after asking (torch comes from the PyTorch extension, not from here)."""
+        try:
+            import geomed  # noqa: F401
+            return True
+        except ImportError:
+            pass
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(_("Install the PyTorch extension first (Extensions Manager), then restart."))
+            return False
+        if PyTorchUtils.PyTorchUtilsLogic().torch is None:
+            return False
+        if not slicer.util.confirmOkCancelDisplay(_("geomed and its Python dependencies will be installed now.")):
+            return False
+        from slicer import pydeps
+
+        requirements = pydeps.load_requirements(self.requirements())
+        pydeps.pip_ensure(requirements, skip_packages=["torch"], requester="GeomedShapes")
+        return True
+
+    @staticmethod
+    def requirements() -> str:
+        from pathlib import Path
+
+        return str(Path(__file__).parent / "Resources" / "requirements.txt")
+
+    def process(self, parameters, progress=None, cancel=None):
+        from GeomedShapesLib.logic import register_nodes
+
+        return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode, model=parameters.model,
+                              preset=parameters.preset, label=parameters.label or None,
+                              blur=parameters.blur or None, reach=parameters.reach or None,
+                              use_gpu=parameters.useGPU, progress=progress, cancel=cancel)
+
+    def longitudinal(self, parameters, nodes, years, progress=None, cancel=None):
+        from GeomedShapesLib.logic import longitudinal_nodes
+
+        return longitudinal_nodes(slicer.mrmlScene, nodes, years, label=parameters.label or None,
+                                  preset=parameters.preset, progress=progress, cancel=cancel)
+
+
+class GeomedShapesTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer in seconds on the CPU: a real hippocampus and a moved copy of it."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_rigid_registration_of_a_moved_hippocampus()
+
+    def test_rigid_registration_of_a_moved_hippocampus(self):
+        import numpy as np
+        from geomed import datasets, mask_to_mesh
+        from geomed._vtk import mesh_to_polydata
+
+        self.delayDisplay("Starting the test")
+        mesh = mask_to_mesh(datasets.brain_labels("9861"), "left_hippocampus")
+        angle = np.radians(8.0)
+        motion = np.eye(4)
+        motion[:3, :3] = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+        motion[:3, 3] = [2.0, -1.0, 3.0]
+        fixed = slicer.modules.models.logic().AddModel(mesh_to_polydata(mesh))
+        moving = slicer.modules.models.logic().AddModel(mesh_to_polydata(mesh.transformed(motion)))
+        parameters = GeomedShapesLogic().getParameterNode()
+        parameters.fixedNode, parameters.movingNode, parameters.model = fixed, moving, "rigid"
+        outputs = GeomedShapesLogic().process(parameters)
+        matrix = slicer.util.arrayFromTransformMatrix(outputs.transform)
+        points = np.c_[mesh.vertices, np.ones(mesh.n_vertices)]
+        self.assertLess(np.abs(points @ (matrix @ motion).T - points).max(), 0.1)  # mm over the shape
+        self.delayDisplay("Test passed")

@@ -1,0 +1,1 @@
+"""The GeomedShapes module's logic, importable and testable without the Slicer application."""

@@ -1,0 +1,182 @@
+"""What the GeomedShapes module does, as adapters: MRML nodes in, geomed computes, new MRML nodes out.
+
+Nothing here needs the Slicer application: every function takes the MRML scene explicitly, so the same code runs in
+Slicer (``slicer.mrmlScene``) and in tests on the ``slicer-core`` package's MRML. Input nodes are never modified;
+every output is a new node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .nodes import add_grid_transform, add_linear_transform, add_model, add_table, image_from_volume, mesh_from_model
+
+_GRID_SPACING_MM = 2.0
+_GRID_MARGIN_MM = 10.0
+
+
+@dataclass
+class RegistrationOutputs:
+    """The new nodes of one registration, and geomed's own result."""
+
+    transform: object
+    warped: object
+    table: object
+    result: object
+
+
+def shape_from_node(node, label: int | str | None = None):
+    """A model node's surface, or a volume / labelmap node's boundary surface (of ``label``, default every
+    non-zero voxel), as a geomed Mesh in world RAS mm."""
+    from geomed import mask_to_mesh
+
+    if node is None:
+        raise ValueError("select an input node")
+    if node.IsA("vtkMRMLModelNode"):
+        return mesh_from_model(node)
+    if node.IsA("vtkMRMLScalarVolumeNode"):
+        return mask_to_mesh(image_from_volume(node), label)
+    raise ValueError(f"{node.GetName()!r} is a {node.GetClassName()}: use a model, labelmap or volume node")
+
+
+def backend(use_gpu: bool) -> str:
+    """The torch device the computation runs on: "cuda" when asked for and available, else "cpu"."""
+    import torch
+
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | None = None,
+                   label: int | str | None = None, blur: float | None = None, reach: float | None = None,
+                   use_gpu: bool = False, progress: Callable[[str, int, float], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> RegistrationOutputs:
+    """Register ``moving`` onto ``fixed`` (model, labelmap or volume nodes) and add the results as new nodes.
+
+    Parameters
+    ----------
+    scene : vtkMRMLScene
+    moving, fixed : MRML nodes
+    model : {"rigid", "similarity", "affine", "deformable", "diffeomorphic"}
+    preset : {"brain", "knee", "heart"}, optional
+        Anatomy scales; default scaled to the fixed shape.
+    label : int or str, optional
+        The label to take from labelmap inputs.
+    blur, reach : float, optional
+        The deformable stages' Sinkhorn loss scales in mm (default: the preset's).
+    use_gpu : bool
+        Run on CUDA when available.
+    progress, cancel : callables
+        As :func:`geomed.register`: progress(stage, iteration, value) and cancel() → bool.
+
+    Returns
+    -------
+    RegistrationOutputs
+        ``transform`` (a linear transform node, or a grid transform node for deformations; it moves ``moving``
+        onto ``fixed``), ``warped`` (a model with point arrays ``displacement``, ``normal displacement`` and
+        ``jacobian``, coloured by the normal displacement), ``table`` (quality metrics) and geomed's result.
+    """
+    from geomed import SinkhornLoss, register
+    from geomed.registration import AffineTransform
+
+    started = time.perf_counter()
+    moving_mesh, fixed_mesh = shape_from_node(moving, label), shape_from_node(fixed, label)
+    loss = SinkhornLoss(blur=blur, reach=reach) if blur is not None else None
+    device = backend(use_gpu)
+    result = register(moving_mesh, fixed_mesh, model=model, preset=preset, loss=loss, progress=progress,
+                      cancel=cancel, device=device)
+    name = f"{moving.GetName()} to {fixed.GetName()}"
+    if isinstance(result.transform, AffineTransform):
+        transform = add_linear_transform(scene, result.transform.homogeneous, f"{name} ({model})")
+    else:
+        transform = _grid_transform(scene, result, moving_mesh, f"{name} ({model})")
+    warped = add_model(scene, result.warped, f"{moving.GetName()} warped ({model})", scalars="normal displacement")
+    rows = _quality(moving_mesh, fixed_mesh, result, time.perf_counter() - started, device)
+    table = add_table(scene, rows, f"{name} quality")
+    return RegistrationOutputs(transform, warped, table, result)
+
+
+def _grid_transform(scene, result, moving_mesh, name: str):
+    """The deformation sampled as a displacement grid over the moving shape (2 mm, 10 mm margin)."""
+    lower = moving_mesh.vertices.min(axis=0) - _GRID_MARGIN_MM
+    upper = moving_mesh.vertices.max(axis=0) + _GRID_MARGIN_MM
+    shape = np.ceil((upper - lower) / _GRID_SPACING_MM).astype(int) + 1
+    axes = [lower[k] + _GRID_SPACING_MM * np.arange(shape[k]) for k in range(3)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    moved = np.asarray(result.transform(grid))
+    return add_grid_transform(scene, lower, _GRID_SPACING_MM, (moved - grid).reshape(*shape, 3), name)
+
+
+def _quality(moving, fixed, result, seconds: float, device: str) -> list[tuple[str, object, str]]:
+    from geomed.morphometry import volume
+    from geomed.surface import distance_to_surface
+
+    before = distance_to_surface(moving.vertices, fixed)
+    after = distance_to_surface(result.warped.vertices, fixed)
+    rows = [
+        ("mean surface distance before", float(before.mean()), "mm"),
+        ("mean surface distance after", float(after.mean()), "mm"),
+        ("95% surface distance before", float(np.percentile(before, 95)), "mm"),
+        ("95% surface distance after", float(np.percentile(after, 95)), "mm"),
+        ("minimum Jacobian", result.min_jacobian, ""),
+    ]
+    if moving.is_closed and fixed.is_closed:
+        before_volume, fixed_volume = volume(moving), volume(fixed)
+        rows += [("moving volume", before_volume / 1000.0, "mL"), ("fixed volume", fixed_volume / 1000.0, "mL"),
+                 ("volume change", 100.0 * (fixed_volume - before_volume) / before_volume, "%")]
+    rows += [("time", seconds, "s"), ("backend", device, "")]
+    return rows
+
+
+def measure_nodes(scene, nodes, label: int | str | None = None):
+    """A table node of each input's enclosed volume (mL) and surface area (cm²)."""
+    from geomed.morphometry import surface_area, volume
+
+    rows = []
+    for node in nodes:
+        mesh = shape_from_node(node, label)
+        rows += [(f"{node.GetName()} volume", volume(mesh) / 1000.0, "mL"),
+                 (f"{node.GetName()} area", surface_area(mesh) / 100.0, "cm²")]
+    return add_table(scene, rows, "geomed measurements")
+
+
+def longitudinal_nodes(scene, nodes, years, *, label: int | str | None = None, preset: str | None = None,
+                       progress: Callable[[str, int, float], None] | None = None,
+                       cancel: Callable[[], bool] | None = None):
+    """One subject's timepoints (nodes in time order, ``years`` increasing): percent volume change of every
+    interval (direct and registration-based, as ``geomed study`` measures) and the change map of the whole span.
+
+    Returns
+    -------
+    (table node, change-map model node)
+        The table has one row per interval and the annual rate; the model is the first scan carried onto the last
+        along its normals, coloured by the ``normal displacement`` (mm).
+    """
+    from geomed import register
+    from geomed.morphometry import percent_volume_change, surface_change
+
+    years = [float(year) for year in years]
+    if len(nodes) < 2 or len(years) != len(nodes) or any(b <= a for a, b in zip(years, years[1:])):
+        raise ValueError("give at least two timepoints, each with a year, in increasing order")
+    meshes = [shape_from_node(node, label) for node in nodes]
+    rows, logs = [], []
+    for index in range(len(meshes) - 1):
+        before, after = meshes[index], meshes[index + 1]
+        aligned = register(before, after, model="rigid", preset=preset, progress=progress, cancel=cancel)
+        change = percent_volume_change(before, after, surface_change(before, after, aligned.transform))
+        span = f"{nodes[index].GetName()} → {nodes[index + 1].GetName()}"
+        rows += [(f"{span}: direct", change["direct_percent"], "%"),
+                 (f"{span}: registration", change["registration_percent"], "%")]
+        logs.append(np.log1p(change["registration_percent"] / 100.0))
+    slope = np.polyfit(years, np.concatenate([[0.0], np.cumsum(logs)]), 1)[0]
+    rows.append(("annual rate (registration)", 100.0 * float(np.expm1(slope)), "%/year"))
+    table = add_table(scene, rows, f"{nodes[0].GetName()} longitudinal change")
+    whole = register(meshes[0], meshes[-1], model="rigid", preset=preset, cancel=cancel)
+    carried = surface_change(meshes[0], meshes[-1], whole.transform)
+    baseline = meshes[0].with_point_data(**{name: carried.point_data[name]
+                                            for name in ("normal displacement", "area change")})
+    change_map = add_model(scene, baseline, f"{nodes[0].GetName()} change map", scalars="normal displacement")
+    return table, change_map

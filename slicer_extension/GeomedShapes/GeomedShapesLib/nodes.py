@@ -1,0 +1,168 @@
+"""MRML nodes ↔ geomed objects. Importable without the Slicer application: it needs only the nodes themselves (and
+the scene they live in, passed explicitly), vtk, numpy and geomed.
+
+Coordinates: Slicer's world frame is RAS millimetres, as geomed's; a node under a (non-hardened) linear transform is
+read through its transform to world, so that what the user sees is what is registered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
+from vtkmodules.vtkFiltersCore import vtkTriangleFilter
+
+from geomed import Image, Mesh
+from geomed._vtk import mesh_to_polydata, polydata_to_mesh
+
+DIVERGING_COLORS = "GeomedDivergingBlueRed"
+
+
+def mesh_from_model(node) -> Mesh:
+    """The surface of a model node as a geomed Mesh (triangulated), in world RAS mm, with its point arrays."""
+    polydata = node.GetPolyData() if node is not None else None
+    if polydata is None or polydata.GetNumberOfPoints() == 0:
+        raise ValueError(f"model {_name(node)} has no surface (no points)")
+    triangles = vtkTriangleFilter()
+    triangles.SetInputData(polydata)
+    triangles.Update()
+    mesh = polydata_to_mesh(triangles.GetOutput(), f"model {_name(node)}")
+    return mesh.transformed(_to_world(node))
+
+
+def image_from_volume(node) -> Image:
+    """A scalar volume or labelmap node as a geomed Image: voxels indexed [i, j, k], affine IJK → world RAS."""
+    data = node.GetImageData() if node is not None else None
+    if data is None or data.GetPointData().GetScalars() is None:
+        raise ValueError(f"volume {_name(node)} has no voxels")
+    columns, rows, slices = data.GetDimensions()
+    scalars = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())
+    if scalars.ndim != 1:
+        raise ValueError(f"volume {_name(node)} has {scalars.shape[1]} components; a scalar volume is expected")
+    array = scalars.reshape(slices, rows, columns).transpose(2, 1, 0)
+    matrix = vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return Image(array.copy(), _to_world(node) @ _numpy(matrix))
+
+
+def add_model(scene, mesh: Mesh, name: str, scalars: str | None = None):
+    """A new model node showing ``mesh`` (with its point arrays); coloured by ``scalars`` with a diverging map
+    centred on 0 when given."""
+    node = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+    node.SetAndObservePolyData(mesh_to_polydata(mesh))
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if scalars is not None and display is not None:
+        values = np.nan_to_num(np.asarray(mesh.point_data[scalars], dtype=float))
+        limit = float(np.percentile(np.abs(values), 98)) or 1.0
+        display.SetActiveScalarName(scalars)
+        display.SetAndObserveColorNodeID(_diverging_colors(scene).GetID())
+        display.SetScalarRangeFlag(display.UseManualScalarRange)
+        display.SetScalarRange(-limit, limit)
+        display.SetScalarVisibility(True)
+    return node
+
+
+def add_linear_transform(scene, matrix: np.ndarray, name: str):
+    """A new linear transform node whose transform to parent is ``matrix`` (4 × 4, RAS mm)."""
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(_vtk_matrix(matrix))
+    return node
+
+
+def add_grid_transform(scene, origin: np.ndarray, spacing: float, displacement: np.ndarray, name: str):
+    """A new grid transform node moving each point x by the displacement field d(x) (to parent, RAS mm).
+
+    ``displacement`` is (I, J, K, 3) on the axis-aligned grid ``origin + spacing·(i, j, k)``.
+    """
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkFiltersHybrid import vtkGridTransform
+
+    field = vtkImageData()
+    field.SetOrigin(*origin)
+    field.SetSpacing(spacing, spacing, spacing)
+    field.SetDimensions(*displacement.shape[:3])
+    vectors = np.ascontiguousarray(displacement.transpose(2, 1, 0, 3).reshape(-1, 3))
+    field.GetPointData().SetScalars(numpy_support.numpy_to_vtk(vectors, deep=True))
+    grid = vtkGridTransform()
+    grid.SetDisplacementGridData(field)
+    grid.SetInterpolationModeToCubic()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformToParent(grid)
+    return node
+
+
+def add_table(scene, rows: list[tuple[str, object, str]], name: str):
+    """A new table node with columns ``metric``, ``value``, ``unit`` (values as text, numbers rounded sensibly)."""
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = node.GetTable()
+    from vtkmodules.vtkCommonCore import vtkStringArray
+
+    for title in ("metric", "value", "unit"):
+        column = vtkStringArray()
+        column.SetName(title)
+        table.AddColumn(column)
+    for metric, value, unit in rows:
+        table.InsertNextBlankRow()
+        row = table.GetNumberOfRows() - 1
+        for index, text in enumerate((metric, _text(value), unit)):
+            table.SetValue(row, index, text)
+    node.Modified()
+    return node
+
+
+def table_rows(node) -> dict[str, str]:
+    """A metric → value (text) view of a table node made by :func:`add_table`."""
+    table = node.GetTable()
+    return {table.GetValue(row, 0).ToString(): table.GetValue(row, 1).ToString()
+            for row in range(table.GetNumberOfRows())}
+
+
+def _diverging_colors(scene):
+    """The shared blue-white-red colour table (created once per scene)."""
+    existing = scene.GetFirstNodeByName(DIVERGING_COLORS)
+    if existing is not None:
+        return existing
+    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", DIVERGING_COLORS)
+    colors.SetTypeToUser()
+    count = 256
+    colors.SetNumberOfColors(count)
+    for index in range(count):
+        t = 2.0 * index / (count - 1) - 1.0  # -1 (blue, inwards) … 0 (white) … +1 (red, outwards)
+        red, green, blue = (1.0, 1.0 - t, 1.0 - t) if t > 0 else (1.0 + t, 1.0 + t, 1.0)
+        colors.SetColor(index, f"{t:+.2f}", red, green, blue, 1.0)
+    return colors
+
+
+def _to_world(node) -> np.ndarray:
+    """The 4 × 4 map from the node's coordinates to world (identity without a parent transform)."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise ValueError(f"{_name(node)} is under a non-linear transform: harden it first (Data module)")
+    matrix = vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(matrix)
+    return _numpy(matrix)
+
+
+def _numpy(matrix: vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _vtk_matrix(array: np.ndarray) -> vtkMatrix4x4:
+    matrix = vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _name(node) -> str:
+    return repr(node.GetName()) if node is not None else "(none)"

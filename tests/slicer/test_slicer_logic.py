@@ -1,0 +1,137 @@
+"""The Slicer module's logic on real MRML (the ``slicer-core`` package: Slicer's MRML classes without the GUI).
+
+``make test`` runs this file in its own virtual environment (``.venv-slicer``: slicer-core pins vtk 9.6.2); in an
+environment without slicer-core it is skipped. There is no ``slicer.mrmlScene`` there: the scene is passed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_REASON = "needs the slicer-core package's MRML (make test installs it in .venv-slicer)"
+slicer = pytest.importorskip("slicer", reason=_REASON)
+if not hasattr(slicer, "vtkMRMLScene"):  # another PyPI package is also called "slicer"
+    pytest.skip(_REASON, allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "slicer_extension" / "GeomedShapes"))
+
+from GeomedShapesLib.logic import longitudinal_nodes, measure_nodes, register_nodes  # noqa: E402
+from GeomedShapesLib.nodes import image_from_volume, mesh_from_model, table_rows  # noqa: E402
+
+from geomed import Mesh, datasets, mask_to_mesh  # noqa: E402
+from geomed._vtk import mesh_to_polydata  # noqa: E402
+from geomed.morphometry import volume  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture(scope="module")
+def hippocampus() -> Mesh:
+    return mask_to_mesh(datasets.brain_labels("9861"), "left_hippocampus")
+
+
+def _model(scene, mesh: Mesh, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+    node.SetAndObservePolyData(mesh_to_polydata(mesh))
+    return node
+
+
+def _labelmap(scene, image, name: str):
+    """A labelmap node holding ``image`` (voxels [i, j, k], affine IJK → RAS) as Slicer stores volumes."""
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+
+    data = vtkImageData()
+    data.SetDimensions(*image.shape)
+    flat = np.ascontiguousarray(image.array.transpose(2, 1, 0)).ravel()
+    data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True))
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    node.SetAndObserveImageData(data)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(image.affine))
+    return node
+
+
+def _motion(degrees: float, shift) -> np.ndarray:
+    angle = np.radians(degrees)
+    motion = np.eye(4)
+    motion[:3, :3] = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+    motion[:3, 3] = shift
+    return motion
+
+
+def test_model_and_labelmap_nodes_round_trip(scene, hippocampus):
+    labels = datasets.brain_labels("9861")
+    node = _labelmap(scene, labels, "brain")
+    image = image_from_volume(node)
+    np.testing.assert_array_equal(image.array, labels.array)
+    np.testing.assert_allclose(image.affine, labels.affine)
+    model = _model(scene, hippocampus, "hippocampus")
+    np.testing.assert_allclose(mesh_from_model(model).vertices, hippocampus.vertices)
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    parent.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(_motion(0.0, [5.0, 0.0, 0.0])))
+    model.SetAndObserveTransformNodeID(parent.GetID())
+    np.testing.assert_allclose(mesh_from_model(model).vertices, hippocampus.vertices + [5.0, 0.0, 0.0])
+
+
+def test_rigid_registration_outputs_new_nodes(scene, hippocampus):
+    motion = _motion(8.0, [2.0, -1.0, 3.0])
+    fixed, moving = _model(scene, hippocampus, "fixed"), _model(scene, hippocampus.transformed(motion), "moving")
+    before = slicer.util.arrayFromModelPoints(moving).copy()
+    outputs = register_nodes(scene, moving, fixed, model="rigid", preset="brain")
+    assert outputs.transform.IsA("vtkMRMLLinearTransformNode")
+    matrix = slicer.util.arrayFromTransformMatrix(outputs.transform)
+    points = np.c_[hippocampus.vertices, np.ones(hippocampus.n_vertices)]
+    recovered = points @ (matrix @ motion).T
+    assert np.abs(recovered - points).max() < 0.1  # mm, over the shape
+    np.testing.assert_array_equal(slicer.util.arrayFromModelPoints(moving), before)  # inputs untouched
+    assert outputs.warped.IsA("vtkMRMLModelNode") and outputs.warped is not moving
+    displacement = slicer.util.arrayFromModelPointData(outputs.warped, "normal displacement")
+    assert displacement.shape == (hippocampus.n_vertices,)
+    display = outputs.warped.GetDisplayNode()
+    assert display.GetActiveScalarName() == "normal displacement" and display.GetScalarVisibility()
+    rows = table_rows(outputs.table)
+    assert float(rows["mean surface distance after"]) < 0.05 < float(rows["mean surface distance before"])
+    assert float(rows["volume change"]) == pytest.approx(0.0, abs=1e-6)
+    assert rows["backend"] == "cpu" and float(rows["time"]) > 0
+
+
+def test_labelmap_to_model_affine_registration_and_measurement(scene, hippocampus):
+    labels = datasets.brain_labels("9861")
+    fixed = _labelmap(scene, labels, "brain")
+    moving = _model(scene, hippocampus.transformed(_motion(5.0, [1.0, 2.0, 0.0])), "moving")
+    outputs = register_nodes(scene, moving, fixed, model="affine", preset="brain", label=40)
+    rows = table_rows(outputs.table)
+    assert float(rows["mean surface distance after"]) < 0.3
+    table = table_rows(measure_nodes(scene, [moving], None))
+    assert float(table["moving volume"]) == pytest.approx(volume(hippocampus) / 1000.0, rel=1e-4)  # 4 decimals
+
+
+@pytest.mark.slow
+def test_deformable_registration_gives_a_grid_transform(scene, hippocampus):
+    centre = hippocampus.vertices.mean(0)
+    bent = Mesh(centre + (hippocampus.vertices - centre) * [1.0, 1.04, 0.97], hippocampus.triangles)
+    fixed, moving = _model(scene, hippocampus, "fixed"), _model(scene, bent, "moving")
+    outputs = register_nodes(scene, moving, fixed, model="deformable", preset="brain")
+    assert outputs.transform.IsA("vtkMRMLGridTransformNode")
+    moved = np.array([outputs.transform.GetTransformToParent().TransformPoint(*point) for point in bent.vertices[:50]])
+    np.testing.assert_allclose(moved, outputs.result.warped.vertices[:50], atol=0.05)
+
+
+def test_longitudinal_table_and_change_map(scene, hippocampus):
+    centre = hippocampus.vertices.mean(0)
+    scans = [Mesh(centre + (hippocampus.vertices - centre) * 0.99 ** (t / 3), hippocampus.triangles)
+             for t in range(3)]
+    nodes = [_model(scene, mesh.transformed(_motion(2.0 * t, [t, 0.0, 0.0])), f"y{t}") for t, mesh in enumerate(scans)]
+    table, change_map = longitudinal_nodes(scene, nodes, [0.0, 1.0, 2.0], preset="brain")
+    rows = table_rows(table)
+    assert float(rows["annual rate (registration)"]) == pytest.approx(-1.0, abs=0.1)  # 0.99 per year in volume
+    assert float(rows["y0 → y1: direct"]) == pytest.approx(-1.0, abs=1e-6)
+    assert change_map.GetDisplayNode().GetActiveScalarName() == "normal displacement"
+    assert np.nanmedian(slicer.util.arrayFromModelPointData(change_map, "normal displacement")) < 0

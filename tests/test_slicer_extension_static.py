@@ -1,0 +1,123 @@
+"""Static checks of the 3D Slicer extension: layout, CMake lists, the module's classes, imports and .ui bindings.
+
+These read the files only (no Slicer needed); the logic itself is tested on real MRML in ``tests/slicer``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+EXTENSION = Path(__file__).resolve().parents[1] / "slicer_extension"
+MODULE = EXTENSION / "GeomedShapes"
+SOURCE = MODULE / "GeomedShapes.py"
+
+
+def _tree() -> ast.Module:
+    return ast.parse(SOURCE.read_text(encoding="utf-8"), filename=str(SOURCE))
+
+
+def _classes() -> dict[str, ast.ClassDef]:
+    return {node.name: node for node in _tree().body if isinstance(node, ast.ClassDef)}
+
+
+def _cmake_list(text: str, variable: str) -> list[str]:
+    block = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S).group(1)
+    return [item.replace("${MODULE_NAME}", "GeomedShapes") for item in block.split()]
+
+
+def test_extension_cmake_has_the_metadata_and_the_module():
+    text = (EXTENSION / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({variable}\s", text), variable
+    assert "add_subdirectory(GeomedShapes)" in text and "find_package(Slicer REQUIRED)" in text
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+
+
+def test_every_script_and_resource_is_listed_in_cmake_and_exists():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule(" in text
+    scripts, resources = _cmake_list(text, "MODULE_PYTHON_SCRIPTS"), _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    on_disk_scripts = sorted(str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts)
+    on_disk_resources = sorted(str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file())
+    assert sorted(scripts) == on_disk_scripts
+    assert sorted(resources) == on_disk_resources
+
+
+def test_module_has_the_five_classes_of_a_scripted_module():
+    classes = _classes()
+    bases = {name: {ast.unparse(base) for base in node.bases} for name, node in classes.items()}
+    assert "ScriptedLoadableModule" in bases["GeomedShapes"]
+    assert "ScriptedLoadableModuleWidget" in bases["GeomedShapesWidget"]
+    assert "ScriptedLoadableModuleLogic" in bases["GeomedShapesLogic"]
+    assert "ScriptedLoadableModuleTest" in bases["GeomedShapesTest"]
+    decorators = {ast.unparse(d) for d in classes["GeomedShapesParameterNode"].decorator_list}
+    assert decorators == {"parameterNodeWrapper"}
+
+
+def test_module_imports_no_heavy_dependency_when_it_opens():
+    """torch, pykeops and geomed load on first Apply (inside functions), never at module import."""
+    top_level = set()
+    for node in _tree().body:
+        if isinstance(node, ast.Import):
+            top_level |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top_level.add((node.module or "").split(".")[0])
+    assert not top_level & {"torch", "pykeops", "geomed", "GeomedShapesLib", "numpy"}
+
+
+def test_widget_holds_no_computation():
+    """The widget's methods call the logic; none of them imports geomed or does arithmetic on arrays."""
+    widget = _classes()["GeomedShapesWidget"]
+    source = ast.unparse(widget)
+    assert "geomed" not in source and "numpy" not in source and "register(" not in source
+    assert "self.logic.process(" in source and "tryWithErrorDisplay" in source
+
+
+def test_ui_parses_and_every_parameter_binding_is_a_parameter_node_field():
+    fields = {node.target.id for node in _classes()["GeomedShapesParameterNode"].body
+              if isinstance(node, ast.AnnAssign)}
+    root = ElementTree.parse(MODULE / "Resources" / "UI" / "GeomedShapes.ui").getroot()
+    bound = [prop.find("string").text for prop in root.iter("property") if prop.get("name") == "SlicerParameterName"]
+    assert bound and set(bound) <= fields
+    assert set(bound) == fields  # every field has its widget
+    names = {widget.get("name") for widget in root.iter("widget")}
+    source = SOURCE.read_text()
+    for used in set(re.findall(r"self\.ui\.(\w+)", source)):
+        assert used in names, used
+
+
+def test_dependencies_are_installed_on_apply_after_asking_never_at_open():
+    classes = _classes()
+    ensure = next(node for node in classes["GeomedShapesLogic"].body
+                  if isinstance(node, ast.FunctionDef) and node.name == "ensureDependencies")
+    source = ast.unparse(ensure)
+    assert "confirmOkCancelDisplay" in source and "pip_ensure(" in source and "skip_packages=['torch']" in source
+    assert source.index("confirmOkCancelDisplay") < source.index("pip_ensure(")
+    widget = ast.unparse(classes["GeomedShapesWidget"])
+    setup = ast.unparse(next(node for node in classes["GeomedShapesWidget"].body
+                             if isinstance(node, ast.FunctionDef) and node.name == "setup"))
+    assert "ensureDependencies" not in setup and widget.count("ensureDependencies()") == 2
+
+
+def test_requirements_leave_torch_to_the_pytorch_extension():
+    lines = [line.strip() for line in (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines and not any(re.match(r"torch\b", line) for line in lines)
+    assert any(line.startswith("geomed") for line in lines)
+
+
+def test_logic_library_imports_without_slicer(monkeypatch):
+    monkeypatch.syspath_prepend(str(MODULE))
+    for name in [name for name in sys.modules if name.startswith("GeomedShapesLib")]:
+        monkeypatch.delitem(sys.modules, name)
+    import importlib
+
+    logic = importlib.import_module("GeomedShapesLib.logic")
+    assert callable(logic.register_nodes) and callable(logic.longitudinal_nodes)
+    for path in (MODULE / "GeomedShapesLib").glob("*.py"):
+        assert not re.search(r"^\s*(import|from) (slicer|qt|ctk)\b", path.read_text(), re.M), path
