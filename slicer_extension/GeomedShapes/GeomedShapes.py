@@ -11,7 +11,7 @@ from typing import Annotated, Union
 
 import slicer
 import vtk
-from slicer import vtkMRMLModelNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, Default, Maximum, Minimum, parameterNodeWrapper
@@ -50,17 +50,19 @@ class GeomedShapes(ScriptedLoadableModule):
 class GeomedShapesParameterNode:
     """The module's state, saved with the scene.
 
-    fixedNode, movingNode - what to register (model, labelmap or volume nodes)
+    fixedNode, movingNode - what to register (model, labelmap, volume or segmentation nodes)
     label - label value to take from labelmap inputs (0: every non-zero voxel)
+    segment - name of the segment to take from segmentation inputs
     preset - anatomy scales (brain, knee, heart)
     model - transform model
     blur, reach - the deformable stages' Sinkhorn scales in mm (0: the preset's)
     useGPU - run on CUDA when available
     """
 
-    fixedNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode]  # noqa: UP007 (the wrapper reads typing.Union)
-    movingNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode]  # noqa: UP007
+    fixedNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]  # noqa: UP007 (typing.Union)
+    movingNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]  # noqa: UP007
     label: Annotated[int, Minimum(0), Default(0)]
+    segment: str
     preset: Annotated[str, Choice(list(PRESETS)), Default("brain")]
     model: Annotated[str, Choice(list(MODELS)), Default("rigid")]
     blur: Annotated[float, Minimum(0.0), Maximum(100.0), Default(0.0)]
@@ -217,14 +219,16 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
 
         return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode, model=parameters.model,
                               preset=parameters.preset, label=parameters.label or None,
-                              blur=parameters.blur or None, reach=parameters.reach or None,
-                              use_gpu=parameters.useGPU, progress=progress, cancel=cancel)
+                              segment=parameters.segment or None, blur=parameters.blur or None,
+                              reach=parameters.reach or None, use_gpu=parameters.useGPU, progress=progress,
+                              cancel=cancel)
 
     def longitudinal(self, parameters, nodes, years, progress=None, cancel=None):
         from GeomedShapesLib.logic import longitudinal_nodes
 
         return longitudinal_nodes(slicer.mrmlScene, nodes, years, label=parameters.label or None,
-                                  preset=parameters.preset, progress=progress, cancel=cancel)
+                                  segment=parameters.segment or None, preset=parameters.preset, progress=progress,
+                                  cancel=cancel)
 
 
 class GeomedShapesTest(ScriptedLoadableModuleTest):

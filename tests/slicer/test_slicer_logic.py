@@ -20,7 +20,8 @@ if not hasattr(slicer, "vtkMRMLScene"):  # another PyPI package is also called "
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "slicer_extension" / "GeomedShapes"))
 
 from GeomedShapesLib.logic import longitudinal_nodes, measure_nodes, register_nodes  # noqa: E402
-from GeomedShapesLib.nodes import image_from_volume, mesh_from_model, table_rows  # noqa: E402
+from GeomedShapesLib.logic import shape_from_node  # noqa: E402
+from GeomedShapesLib.nodes import image_from_segment, image_from_volume, mesh_from_model, table_rows  # noqa: E402
 
 from geomed import Mesh, datasets, mask_to_mesh  # noqa: E402
 from geomed._vtk import mesh_to_polydata  # noqa: E402
@@ -58,6 +59,25 @@ def _labelmap(scene, image, name: str):
     return node
 
 
+def _segmentation(scene, image, label: int, name: str):
+    """A segmentation node with one segment ``name``: the voxels of ``label``, as a binary labelmap (as the Segment
+    Editor stores it), on the image's own grid."""
+    mask = np.ascontiguousarray((image.array == label).astype(np.uint8).transpose(2, 1, 0))
+    oriented = slicer.vtkOrientedImageData()
+    oriented.SetExtent(0, image.shape[0] - 1, 0, image.shape[1] - 1, 0, image.shape[2] - 1)
+    from vtkmodules.util import numpy_support
+
+    oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.ravel(), deep=True))
+    oriented.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(image.affine))
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    segment.AddRepresentation("Binary labelmap", oriented)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    node.GetSegmentation().SetSourceRepresentationName("Binary labelmap")
+    node.GetSegmentation().AddSegment(segment)
+    return node
+
+
 def _motion(degrees: float, shift) -> np.ndarray:
     angle = np.radians(degrees)
     motion = np.eye(4)
@@ -78,6 +98,19 @@ def test_model_and_labelmap_nodes_round_trip(scene, hippocampus):
     parent.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(_motion(0.0, [5.0, 0.0, 0.0])))
     model.SetAndObserveTransformNodeID(parent.GetID())
     np.testing.assert_allclose(mesh_from_model(model).vertices, hippocampus.vertices + [5.0, 0.0, 0.0])
+
+
+def test_segment_of_a_segmentation_node(scene, hippocampus):
+    labels = datasets.brain_labels("9861")
+    node = _segmentation(scene, labels, 40, "left hippocampus")
+    image = image_from_segment(node, "left hippocampus")
+    np.testing.assert_array_equal(image.array, labels.array == 40)
+    np.testing.assert_allclose(image.affine, labels.affine)
+    np.testing.assert_allclose(shape_from_node(node, segment="left hippocampus").vertices, hippocampus.vertices)
+    with pytest.raises(ValueError, match="has no segment 'amygdala'"):
+        image_from_segment(node, "amygdala")
+    with pytest.raises(ValueError, match="choose a segment"):
+        shape_from_node(node)
 
 
 def test_rigid_registration_outputs_new_nodes(scene, hippocampus):

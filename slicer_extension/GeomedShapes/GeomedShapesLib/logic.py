@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .nodes import add_grid_transform, add_linear_transform, add_model, add_table, image_from_volume, mesh_from_model
+from .nodes import (add_grid_transform, add_linear_transform, add_model, add_table, image_from_segment,
+                    image_from_volume, mesh_from_model)
 
 _GRID_SPACING_MM = 2.0
 _GRID_MARGIN_MM = 10.0
@@ -29,9 +30,10 @@ class RegistrationOutputs:
     result: object
 
 
-def shape_from_node(node, label: int | str | None = None):
-    """A model node's surface, or a volume / labelmap node's boundary surface (of ``label``, default every
-    non-zero voxel), as a geomed Mesh in world RAS mm."""
+def shape_from_node(node, label: int | None = None, segment: str | None = None):
+    """A model node's surface, a volume / labelmap node's boundary surface (of the label value ``label``, default
+    every non-zero voxel), or the surface of a segmentation node's ``segment`` (name or id), as a geomed Mesh in
+    world RAS mm."""
     from geomed import mask_to_mesh
 
     if node is None:
@@ -40,7 +42,12 @@ def shape_from_node(node, label: int | str | None = None):
         return mesh_from_model(node)
     if node.IsA("vtkMRMLScalarVolumeNode"):
         return mask_to_mesh(image_from_volume(node), label)
-    raise ValueError(f"{node.GetName()!r} is a {node.GetClassName()}: use a model, labelmap or volume node")
+    if node.IsA("vtkMRMLSegmentationNode"):
+        if not segment:
+            raise ValueError(f"choose a segment of {node.GetName()!r}")
+        return mask_to_mesh(image_from_segment(node, segment))
+    raise ValueError(f"{node.GetName()!r} is a {node.GetClassName()}: use a model, labelmap, volume or "
+                     "segmentation node")
 
 
 def backend(use_gpu: bool) -> str:
@@ -51,7 +58,8 @@ def backend(use_gpu: bool) -> str:
 
 
 def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | None = None,
-                   label: int | str | None = None, blur: float | None = None, reach: float | None = None,
+                   label: int | None = None, segment: str | None = None, blur: float | None = None,
+                   reach: float | None = None,
                    use_gpu: bool = False, progress: Callable[[str, int, float], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> RegistrationOutputs:
     """Register ``moving`` onto ``fixed`` (model, labelmap or volume nodes) and add the results as new nodes.
@@ -60,11 +68,14 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
     ----------
     scene : vtkMRMLScene
     moving, fixed : MRML nodes
+        Models, labelmap / scalar volumes, or segmentations.
     model : {"rigid", "similarity", "affine", "deformable", "diffeomorphic"}
     preset : {"brain", "knee", "heart"}, optional
         Anatomy scales; default scaled to the fixed shape.
-    label : int or str, optional
-        The label to take from labelmap inputs.
+    label : int, optional
+        The label value to take from labelmap inputs (default: every non-zero voxel).
+    segment : str, optional
+        The segment (name or id) to take from segmentation inputs.
     blur, reach : float, optional
         The deformable stages' Sinkhorn loss scales in mm (default: the preset's).
     use_gpu : bool
@@ -83,7 +94,7 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
     from geomed.registration import AffineTransform
 
     started = time.perf_counter()
-    moving_mesh, fixed_mesh = shape_from_node(moving, label), shape_from_node(fixed, label)
+    moving_mesh, fixed_mesh = shape_from_node(moving, label, segment), shape_from_node(fixed, label, segment)
     loss = SinkhornLoss(blur=blur, reach=reach) if blur is not None else None
     device = backend(use_gpu)
     result = register(moving_mesh, fixed_mesh, model=model, preset=preset, loss=loss, progress=progress,
@@ -131,19 +142,20 @@ def _quality(moving, fixed, result, seconds: float, device: str) -> list[tuple[s
     return rows
 
 
-def measure_nodes(scene, nodes, label: int | str | None = None):
+def measure_nodes(scene, nodes, label: int | None = None, segment: str | None = None):
     """A table node of each input's enclosed volume (mL) and surface area (cm²)."""
     from geomed.morphometry import surface_area, volume
 
     rows = []
     for node in nodes:
-        mesh = shape_from_node(node, label)
+        mesh = shape_from_node(node, label, segment)
         rows += [(f"{node.GetName()} volume", volume(mesh) / 1000.0, "mL"),
                  (f"{node.GetName()} area", surface_area(mesh) / 100.0, "cm²")]
     return add_table(scene, rows, "geomed measurements")
 
 
-def longitudinal_nodes(scene, nodes, years, *, label: int | str | None = None, preset: str | None = None,
+def longitudinal_nodes(scene, nodes, years, *, label: int | None = None, segment: str | None = None,
+                       preset: str | None = None,
                        progress: Callable[[str, int, float], None] | None = None,
                        cancel: Callable[[], bool] | None = None):
     """One subject's timepoints (nodes in time order, ``years`` increasing): percent volume change of every
@@ -161,7 +173,7 @@ def longitudinal_nodes(scene, nodes, years, *, label: int | str | None = None, p
     years = [float(year) for year in years]
     if len(nodes) < 2 or len(years) != len(nodes) or any(b <= a for a, b in zip(years, years[1:])):
         raise ValueError("give at least two timepoints, each with a year, in increasing order")
-    meshes = [shape_from_node(node, label) for node in nodes]
+    meshes = [shape_from_node(node, label, segment) for node in nodes]
     rows, logs = [], []
     for index in range(len(meshes) - 1):
         before, after = meshes[index], meshes[index + 1]

@@ -45,6 +45,37 @@ def image_from_volume(node) -> Image:
     return Image(array.copy(), _to_world(node) @ _numpy(matrix))
 
 
+def image_from_segment(node, segment: str) -> Image:
+    """One segment of a segmentation node as a binary mask Image (its binary-labelmap representation, in world RAS).
+
+    ``segment`` is the segment's name or id. The segmentation must hold binary labelmaps (what the Segment Editor
+    makes); a segmentation of closed surfaces only is refused with the reason.
+    """
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    segmentation = node.GetSegmentation()
+    identifier = segmentation.GetSegmentIdBySegmentName(segment) or segment
+    found = segmentation.GetSegment(identifier)
+    if found is None:
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        raise ValueError(f"segmentation {_name(node)} has no segment {segment!r}; it has {names}")
+    representation = "Binary labelmap"
+    labelmap = found.GetRepresentation(representation)
+    if labelmap is None:
+        raise ValueError(f"segment {segment!r} of {_name(node)} has no binary labelmap: convert the segmentation to "
+                         "a binary labelmap first (Segmentations module)")
+    i0, i1, j0, j1, k0, k1 = labelmap.GetExtent()
+    if i1 < i0 or j1 < j0 or k1 < k0:
+        raise ValueError(f"segment {segment!r} of {_name(node)} is empty")
+    values = vtk_to_numpy(labelmap.GetPointData().GetScalars())
+    array = values.reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1).transpose(2, 1, 0)
+    matrix = vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    offset = np.eye(4)
+    offset[:3, 3] = [i0, j0, k0]
+    return Image((array == found.GetLabelValue()).astype(np.uint8), _to_world(node) @ _numpy(matrix) @ offset)
+
+
 def add_model(scene, mesh: Mesh, name: str, scalars: str | None = None):
     """A new model node showing ``mesh`` (with its point arrays); coloured by ``scalars`` with a diverging map
     centred on 0 when given."""
