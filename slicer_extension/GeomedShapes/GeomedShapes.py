@@ -57,6 +57,7 @@ class GeomedShapesParameterNode:
     model - transform model
     blur, reach - the deformable stages' Sinkhorn scales in mm (0: the preset's)
     useGPU - run on CUDA when available
+    plot - also plot the surface distances before and after
     """
 
     fixedNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]  # noqa: UP007 (typing.Union)
@@ -68,6 +69,7 @@ class GeomedShapesParameterNode:
     blur: Annotated[float, Minimum(0.0), Maximum(100.0), Default(0.0)]
     reach: Annotated[float, Minimum(0.0), Maximum(1000.0), Default(0.0)]
     useGPU: Annotated[bool, Default(False)]
+    plot: Annotated[bool, Default(False)]
 
 
 class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -142,6 +144,8 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputs = self.logic.process(self._parameterNode, progress=self._progress, cancel=self._cancel)
                 self.ui.backendLabel.text = outputs.result.backend
                 self.ui.qualityTable.setMRMLTableNode(outputs.table)
+                if outputs.plot is not None:
+                    slicer.modules.plots.logic().ShowChartInLayout(outputs.plot)
             finally:
                 self._running(False)
 
@@ -220,8 +224,8 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
         return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode, model=parameters.model,
                               preset=parameters.preset, label=parameters.label or None,
                               segment=parameters.segment or None, blur=parameters.blur or None,
-                              reach=parameters.reach or None, use_gpu=parameters.useGPU, progress=progress,
-                              cancel=cancel)
+                              reach=parameters.reach or None, use_gpu=parameters.useGPU, plot=parameters.plot,
+                              progress=progress, cancel=cancel)
 
     def longitudinal(self, parameters, nodes, years, progress=None, cancel=None):
         from GeomedShapesLib.logic import longitudinal_nodes

@@ -117,8 +117,11 @@ def test_rigid_registration_outputs_new_nodes(scene, hippocampus):
     motion = _motion(8.0, [2.0, -1.0, 3.0])
     fixed, moving = _model(scene, hippocampus, "fixed"), _model(scene, hippocampus.transformed(motion), "moving")
     before = slicer.util.arrayFromModelPoints(moving).copy()
-    outputs = register_nodes(scene, moving, fixed, model="rigid", preset="brain")
+    outputs = register_nodes(scene, moving, fixed, model="rigid", preset="brain", plot=True)
     assert outputs.transform.IsA("vtkMRMLLinearTransformNode")
+    assert outputs.plot.IsA("vtkMRMLPlotChartNode") and outputs.plot.GetNumberOfPlotSeriesNodes() == 2
+    histogram = slicer.util.arrayFromTableColumn(outputs.plot.GetNthPlotSeriesNode(1).GetTableNode(), "after")
+    assert histogram.sum() == hippocampus.n_vertices
     matrix = slicer.util.arrayFromTransformMatrix(outputs.transform)
     points = np.c_[hippocampus.vertices, np.ones(hippocampus.n_vertices)]
     recovered = points @ (matrix @ motion).T

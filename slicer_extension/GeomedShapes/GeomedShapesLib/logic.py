@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .nodes import (add_grid_transform, add_linear_transform, add_model, add_table, image_from_segment,
-                    image_from_volume, mesh_from_model)
+from .nodes import (add_grid_transform, add_histogram_plot, add_linear_transform, add_model, add_table,
+                    image_from_segment, image_from_volume, mesh_from_model)
 
 _GRID_SPACING_MM = 2.0
 _GRID_MARGIN_MM = 10.0
@@ -22,11 +22,12 @@ _GRID_MARGIN_MM = 10.0
 
 @dataclass
 class RegistrationOutputs:
-    """The new nodes of one registration, and geomed's own result."""
+    """The new nodes of one registration (``plot`` is None unless asked for), and geomed's own result."""
 
     transform: object
     warped: object
     table: object
+    plot: object
     result: object
 
 
@@ -60,7 +61,8 @@ def backend(use_gpu: bool) -> str:
 def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | None = None,
                    label: int | None = None, segment: str | None = None, blur: float | None = None,
                    reach: float | None = None,
-                   use_gpu: bool = False, progress: Callable[[str, int, float], None] | None = None,
+                   use_gpu: bool = False, plot: bool = False,
+                   progress: Callable[[str, int, float], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> RegistrationOutputs:
     """Register ``moving`` onto ``fixed`` (model, labelmap or volume nodes) and add the results as new nodes.
 
@@ -80,6 +82,8 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
         The deformable stages' Sinkhorn loss scales in mm (default: the preset's).
     use_gpu : bool
         Run on CUDA when available.
+    plot : bool
+        Also add a plot chart of the surface distances to the fixed shape before and after.
     progress, cancel : callables
         As :func:`geomed.register`: progress(stage, iteration, value) and cancel() → bool.
 
@@ -88,10 +92,12 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
     RegistrationOutputs
         ``transform`` (a linear transform node, or a grid transform node for deformations; it moves ``moving``
         onto ``fixed``), ``warped`` (a model with point arrays ``displacement``, ``normal displacement`` and
-        ``jacobian``, coloured by the normal displacement), ``table`` (quality metrics) and geomed's result.
+        ``jacobian``, coloured by the normal displacement), ``table`` (quality metrics), ``plot`` (a chart, or
+        None) and geomed's result.
     """
     from geomed import SinkhornLoss, register
     from geomed.registration import AffineTransform
+    from geomed.surface import distance_to_surface
 
     started = time.perf_counter()
     moving_mesh, fixed_mesh = shape_from_node(moving, label, segment), shape_from_node(fixed, label, segment)
@@ -105,9 +111,13 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
     else:
         transform = _grid_transform(scene, result, moving_mesh, f"{name} ({model})")
     warped = add_model(scene, result.warped, f"{moving.GetName()} warped ({model})", scalars="normal displacement")
-    rows = _quality(moving_mesh, fixed_mesh, result, time.perf_counter() - started, device)
+    before = distance_to_surface(moving_mesh.vertices, fixed_mesh)
+    after = distance_to_surface(result.warped.vertices, fixed_mesh)
+    rows = _quality(moving_mesh, fixed_mesh, result, before, after, time.perf_counter() - started, device)
     table = add_table(scene, rows, f"{name} quality")
-    return RegistrationOutputs(transform, warped, table, result)
+    chart = add_histogram_plot(scene, {"before": before, "after": after}, f"{name} surface distance",
+                               "distance to the fixed surface (mm)") if plot else None
+    return RegistrationOutputs(transform, warped, table, chart, result)
 
 
 def _grid_transform(scene, result, moving_mesh, name: str):
@@ -121,12 +131,9 @@ def _grid_transform(scene, result, moving_mesh, name: str):
     return add_grid_transform(scene, lower, _GRID_SPACING_MM, (moved - grid).reshape(*shape, 3), name)
 
 
-def _quality(moving, fixed, result, seconds: float, device: str) -> list[tuple[str, object, str]]:
+def _quality(moving, fixed, result, before, after, seconds: float, device: str) -> list[tuple[str, object, str]]:
     from geomed.morphometry import volume
-    from geomed.surface import distance_to_surface
 
-    before = distance_to_surface(moving.vertices, fixed)
-    after = distance_to_surface(result.warped.vertices, fixed)
     rows = [
         ("mean surface distance before", float(before.mean()), "mm"),
         ("mean surface distance after", float(after.mean()), "mm"),

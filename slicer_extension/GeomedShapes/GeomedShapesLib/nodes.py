@@ -142,6 +142,40 @@ def add_table(scene, rows: list[tuple[str, object, str]], name: str):
     return node
 
 
+def add_histogram_plot(scene, samples: dict[str, np.ndarray], name: str, axis: str, bins: int = 40):
+    """A plot chart (with its table and one line series per entry of ``samples``) of their histograms on shared
+    bins: e.g. the surface distances before and after a registration."""
+    from vtkmodules.vtkCommonCore import vtkDoubleArray
+
+    values = np.concatenate([np.asarray(v, dtype=float).ravel() for v in samples.values()])
+    values = values[np.isfinite(values)]
+    edges = np.linspace(values.min(), values.max(), bins + 1) if values.size else np.linspace(0, 1, bins + 1)
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} data")
+    table = table_node.GetTable()
+    columns = {"bin": (edges[:-1] + edges[1:]) / 2}
+    columns.update({label: np.histogram(np.asarray(v, dtype=float), bins=edges)[0].astype(float)
+                    for label, v in samples.items()})
+    for title, data in columns.items():
+        column = vtkDoubleArray()
+        column.SetName(title)
+        column.SetNumberOfValues(len(data))
+        for index, value in enumerate(data):
+            column.SetValue(index, float(value))
+        table.AddColumn(column)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+    chart.SetXAxisTitle(axis)
+    chart.SetYAxisTitle("vertices")
+    for label in samples:
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name}: {label}")
+        series.SetAndObserveTableNodeID(table_node.GetID())
+        series.SetXColumnName("bin")
+        series.SetYColumnName(label)
+        series.SetPlotType(series.PlotTypeScatter)
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    table_node.Modified()
+    return chart
+
+
 def table_rows(node) -> dict[str, str]:
     """A metric → value (text) view of a table node made by :func:`add_table`."""
     table = node.GetTable()
