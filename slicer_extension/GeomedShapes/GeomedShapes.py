@@ -2,10 +2,9 @@
 
 Widget (GUI state and events only) over a logic that converts MRML nodes and calls geomed
 (``GeomedShapesLib.logic``, tested outside Slicer). geomed, and torch from the PyTorch extension, are imported on
-first Apply, never when the module opens.
+first Apply, never when the module opens. (No ``from __future__ import annotations`` here: the parameter-node
+wrapper reads the annotations as objects.)
 """
-
-from __future__ import annotations
 
 from typing import Annotated, Union
 
