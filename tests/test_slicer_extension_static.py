@@ -84,11 +84,32 @@ def test_ui_parses_and_every_parameter_binding_is_a_parameter_node_field():
     root = ElementTree.parse(MODULE / "Resources" / "UI" / "GeomedShapes.ui").getroot()
     bound = [prop.find("string").text for prop in root.iter("property") if prop.get("name") == "SlicerParameterName"]
     assert bound and set(bound) <= fields
-    assert set(bound) == fields  # every field has its widget
+    # every field has its widget: bound in the .ui, or (the segment pickers, which the wrapper cannot bind) written
+    # by the widget when the picker changes
+    widget = ast.unparse(_classes()["GeomedShapesWidget"])
+    written = set(re.findall(r"self\._parameterNode\.(\w+) = ", widget))
+    assert written == {"fixedSegment", "movingSegment"}
+    assert set(bound) | written == fields
     names = {widget.get("name") for widget in root.iter("widget")}
     source = SOURCE.read_text()
     for used in set(re.findall(r"self\.ui\.(\w+)", source)):
         assert used in names, used
+
+
+def test_segmentation_inputs_have_segment_pickers_wired_to_the_parameter_node():
+    root = ElementTree.parse(MODULE / "Resources" / "UI" / "GeomedShapes.ui").getroot()
+    pickers = {widget.get("name") for widget in root.iter("widget")
+               if widget.get("class") == "qMRMLSegmentSelectorWidget"}
+    assert pickers == {"fixedSegmentSelector", "movingSegmentSelector"}
+    scene_receivers = {connection.findtext("receiver") for connection in root.iter("connection")
+                       if connection.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    assert pickers <= scene_receivers
+    methods = {node.name for node in _classes()["GeomedShapesWidget"].body if isinstance(node, ast.FunctionDef)}
+    for picker, handler in re.findall(r'self\.ui\.(\w+)\.connect\("[^"]+", self\.(\w+)\)', SOURCE.read_text()):
+        assert handler in methods, (picker, handler)
+    source = SOURCE.read_text()
+    assert 'fixedSegmentSelector.connect("currentSegmentChanged(QString)"' in source
+    assert 'movingSegmentSelector.connect("currentSegmentChanged(QString)"' in source
 
 
 def test_dependencies_are_installed_on_apply_after_asking_never_at_open():
@@ -96,8 +117,8 @@ def test_dependencies_are_installed_on_apply_after_asking_never_at_open():
     ensure = next(node for node in classes["GeomedShapesLogic"].body
                   if isinstance(node, ast.FunctionDef) and node.name == "ensureDependencies")
     source = ast.unparse(ensure)
-    assert "confirmOkCancelDisplay" in source and "pip_ensure(" in source and "skip_packages=['torch']" in source
-    assert source.index("confirmOkCancelDisplay") < source.index("pip_ensure(")
+    assert "pip_ensure(" in source and "skip_packages=['torch']" in source
+    assert "prompt_install=True" in source and "except RuntimeError" in source  # asks; declining is not an error
     widget = ast.unparse(classes["GeomedShapesWidget"])
     setup = ast.unparse(next(node for node in classes["GeomedShapesWidget"].body
                              if isinstance(node, ast.FunctionDef) and node.name == "setup"))

@@ -6,6 +6,7 @@ first Apply, never when the module opens. (No ``from __future__ import annotatio
 wrapper reads the annotations as objects.)
 """
 
+from pathlib import Path
 from typing import Annotated, Union
 
 import slicer
@@ -50,29 +51,38 @@ class GeomedShapesParameterNode:
     """The module's state, saved with the scene.
 
     fixedNode, movingNode - what to register (model, labelmap, volume or segmentation nodes)
+    fixedSegment, movingSegment - the segment id picked in a segmentation input (kept in step with the segment
+        pickers by the widget: the wrapper has no connector for qMRMLSegmentSelectorWidget)
     label - label value to take from labelmap inputs (0: every non-zero voxel)
-    segment - name of the segment to take from segmentation inputs
     preset - anatomy scales (brain, knee, heart)
     model - transform model
     blur, reach - the deformable stages' Sinkhorn scales in mm (0: the preset's)
     useGPU - run on CUDA when available
     plot - also plot the surface distances before and after
+    timepointSegment - the segment name to take from segmentation timepoints (longitudinal)
+    exportFolder - where Export writes the last outputs
     """
 
     fixedNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]  # noqa: UP007 (typing.Union)
     movingNode: Union[vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]  # noqa: UP007
+    fixedSegment: str
+    movingSegment: str
     label: Annotated[int, Minimum(0), Default(0)]
-    segment: str
     preset: Annotated[str, Choice(list(PRESETS)), Default("brain")]
     model: Annotated[str, Choice(list(MODELS)), Default("rigid")]
     blur: Annotated[float, Minimum(0.0), Maximum(100.0), Default(0.0)]
     reach: Annotated[float, Minimum(0.0), Maximum(1000.0), Default(0.0)]
     useGPU: Annotated[bool, Default(False)]
     plot: Annotated[bool, Default(False)]
+    timepointSegment: str
+    exportFolder: Path
 
 
 class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: node selectors, preset, model, loss scales, Apply / Cancel, progress. No computation here."""
+    """The panel: node and segment pickers, preset, model, loss scales, Apply / Cancel, progress, export.
+
+    No computation here: every action calls the logic, inside ``tryWithErrorDisplay``.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -81,6 +91,7 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._cancelled = False
+        self._outputNodes = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -94,6 +105,9 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.longitudinalButton.connect("clicked(bool)", self.onLongitudinalButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.fixedSegmentSelector.connect("currentSegmentChanged(QString)", self.onFixedSegmentChanged)
+        self.ui.movingSegmentSelector.connect("currentSegmentChanged(QString)", self.onMovingSegmentChanged)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -106,10 +120,11 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._setOutputs([])
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -121,18 +136,42 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._showSegmentPickers()
         ready = bool(self._parameterNode and self._parameterNode.fixedNode and self._parameterNode.movingNode)
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = _("Register the moving shape onto the fixed one") if ready else _(
             "Select fixed and moving shapes")
+
+    def _showSegmentPickers(self) -> None:
+        """A segment picker under each input that is a segmentation, showing the segment stored in the scene."""
+        parameters = self._parameterNode
+        for node, segmentId, picker, label in (
+                (parameters.fixedNode, parameters.fixedSegment, self.ui.fixedSegmentSelector,
+                 self.ui.fixedSegmentLabel),
+                (parameters.movingNode, parameters.movingSegment, self.ui.movingSegmentSelector,
+                 self.ui.movingSegmentLabel)):
+            segmentation = node if node is not None and node.IsA("vtkMRMLSegmentationNode") else None
+            picker.visible = label.visible = segmentation is not None
+            if picker.currentNode() != segmentation:
+                picker.setCurrentNode(segmentation)
+            if segmentation is not None and segmentId and picker.currentSegmentID() != segmentId:
+                picker.setCurrentSegmentID(segmentId)
+
+    def onFixedSegmentChanged(self, segmentId: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.fixedSegment = segmentId or ""
+
+    def onMovingSegmentChanged(self, segmentId: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.movingSegment = segmentId or ""
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
@@ -143,6 +182,7 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputs = self.logic.process(self._parameterNode, progress=self._progress, cancel=self._cancel)
                 self.ui.backendLabel.text = outputs.result.backend
                 self.ui.qualityTable.setMRMLTableNode(outputs.table)
+                self._setOutputs(outputs.nodes())
                 if outputs.plot is not None:
                     slicer.modules.plots.logic().ShowChartInLayout(outputs.plot)
             finally:
@@ -156,14 +196,25 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             years = [float(text) for text in self.ui.yearsEdit.text.replace(",", " ").split()]
             self._running(True)
             try:
-                table, _model = self.logic.longitudinal(self._parameterNode, nodes, years, progress=self._progress,
-                                                        cancel=self._cancel)
+                table, changeMap = self.logic.longitudinal(self._parameterNode, nodes, years,
+                                                           progress=self._progress, cancel=self._cancel)
                 self.ui.qualityTable.setMRMLTableNode(table)
+                self._setOutputs([table, changeMap])
             finally:
                 self._running(False)
 
+    def onExportButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+            files = self.logic.export(self._outputNodes, self._parameterNode.exportFolder)
+            slicer.util.showStatusMessage(_("Wrote {count} files to {folder}").format(
+                count=len(files), folder=self._parameterNode.exportFolder), 5000)
+
     def onCancelButton(self) -> None:
         self._cancelled = True
+
+    def _setOutputs(self, nodes) -> None:
+        self._outputNodes = list(nodes)
+        self.ui.exportButton.enabled = bool(self._outputNodes)
 
     def _running(self, running: bool) -> None:
         self._cancelled = False
@@ -190,7 +241,10 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
         return GeomedShapesParameterNode(super().getParameterNode())
 
     def ensureDependencies(self) -> bool:
-        """Install geomed on first use, after asking (torch comes from the PyTorch extension, not from here)."""
+        """Install geomed on first use, after asking (torch comes from the PyTorch extension, not from here).
+
+        Returns False when the user declines or torch is not available.
+        """
         try:
             import geomed  # noqa: F401
             return True
@@ -203,12 +257,13 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
             return False
         if PyTorchUtils.PyTorchUtilsLogic().torch is None:
             return False
-        if not slicer.util.confirmOkCancelDisplay(_("geomed and its Python dependencies will be installed now.")):
-            return False
         from slicer import pydeps
 
-        requirements = pydeps.load_requirements(self.requirements())
-        pydeps.pip_ensure(requirements, skip_packages=["torch"], requester="GeomedShapes")
+        try:  # pip_ensure asks the user first (prompt_install) and raises RuntimeError if they decline
+            pydeps.pip_ensure(pydeps.load_requirements(self.requirements()), skip_packages=["torch"],
+                              prompt_install=True, requester=_("Geomed Shapes"))
+        except RuntimeError:
+            return False
         return True
 
     @staticmethod
@@ -222,7 +277,8 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
 
         return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode, model=parameters.model,
                               preset=parameters.preset, label=parameters.label or None,
-                              segment=parameters.segment or None, blur=parameters.blur or None,
+                              moving_segment=parameters.movingSegment or None,
+                              fixed_segment=parameters.fixedSegment or None, blur=parameters.blur or None,
                               reach=parameters.reach or None, use_gpu=parameters.useGPU, plot=parameters.plot,
                               progress=progress, cancel=cancel)
 
@@ -230,8 +286,15 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
         from GeomedShapesLib.logic import longitudinal_nodes
 
         return longitudinal_nodes(slicer.mrmlScene, nodes, years, label=parameters.label or None,
-                                  segment=parameters.segment or None, preset=parameters.preset, progress=progress,
-                                  cancel=cancel)
+                                  segment=parameters.timepointSegment or None, preset=parameters.preset,
+                                  progress=progress, cancel=cancel)
+
+    def export(self, nodes, folder):
+        from GeomedShapesLib.logic import export_nodes
+
+        if not str(folder) or str(folder) == ".":
+            raise ValueError(_("Choose the folder to export to"))
+        return export_nodes(nodes, folder)
 
 
 class GeomedShapesTest(ScriptedLoadableModuleTest):
@@ -245,6 +308,8 @@ class GeomedShapesTest(ScriptedLoadableModuleTest):
         self.test_rigid_registration_of_a_moved_hippocampus()
 
     def test_rigid_registration_of_a_moved_hippocampus(self):
+        import tempfile
+
         import numpy as np
         from geomed import datasets, mask_to_mesh
         from geomed._vtk import mesh_to_polydata
@@ -263,4 +328,9 @@ class GeomedShapesTest(ScriptedLoadableModuleTest):
         matrix = slicer.util.arrayFromTransformMatrix(outputs.transform)
         points = np.c_[mesh.vertices, np.ones(mesh.n_vertices)]
         self.assertLess(np.abs(points @ (matrix @ motion).T - points).max(), 0.1)  # mm over the shape
+        self.assertEqual(slicer.util.arrayFromModelPoints(moving).shape, (mesh.n_vertices, 3))
+        self.assertIsNot(outputs.warped, moving)
+        with tempfile.TemporaryDirectory() as folder:
+            files = GeomedShapesLogic().export(outputs.nodes(), Path(folder))
+            self.assertEqual(sorted(path.suffix for path in files), [".csv", ".h5", ".vtk"])
         self.delayDisplay("Test passed")

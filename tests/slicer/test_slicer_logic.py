@@ -19,11 +19,11 @@ if not hasattr(slicer, "vtkMRMLScene"):  # another PyPI package is also called "
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "slicer_extension" / "GeomedShapes"))
 
-from GeomedShapesLib.logic import longitudinal_nodes, measure_nodes, register_nodes  # noqa: E402
+from GeomedShapesLib.logic import export_nodes, longitudinal_nodes, measure_nodes, register_nodes  # noqa: E402
 from GeomedShapesLib.logic import shape_from_node  # noqa: E402
 from GeomedShapesLib.nodes import image_from_segment, image_from_volume, mesh_from_model, table_rows  # noqa: E402
 
-from geomed import Mesh, datasets, mask_to_mesh  # noqa: E402
+from geomed import Mesh, datasets, mask_to_mesh, read_mesh  # noqa: E402
 from geomed._vtk import mesh_to_polydata  # noqa: E402
 from geomed.morphometry import volume  # noqa: E402
 
@@ -136,6 +136,44 @@ def test_rigid_registration_outputs_new_nodes(scene, hippocampus):
     assert float(rows["mean surface distance after"]) < 0.05 < float(rows["mean surface distance before"])
     assert float(rows["volume change"]) == pytest.approx(0.0, abs=1e-6)
     assert rows["backend"] == "cpu" and float(rows["time"]) > 0
+
+
+def test_segment_to_model_registration_and_export(scene, hippocampus, tmp_path):
+    """A segment picked in a segmentation registered onto a model; the outputs written, and read back by
+    independent readers: geomed's mesh reader, SimpleITK's transform reader, the csv module."""
+    import csv
+
+    import SimpleITK as sitk
+
+    labels = datasets.brain_labels("9861")
+    motion = _motion(6.0, [1.0, -2.0, 1.5])
+    fixed = _model(scene, hippocampus.transformed(motion), "fixed")
+    moving = _segmentation(scene, labels, 40, "left hippocampus")
+    segment_id = moving.GetSegmentation().GetNthSegmentID(0)
+    outputs = register_nodes(scene, moving, fixed, model="rigid", preset="brain", moving_segment=segment_id)
+    assert float(table_rows(outputs.table)["mean surface distance after"]) < 0.05
+    namesake = scene.AddNewNodeByClass("vtkMRMLTableNode", outputs.table.GetName())
+    files = export_nodes(outputs.nodes() + [outputs.table, namesake], tmp_path / "out")
+    assert sorted(path.suffix for path in files) == [".csv", ".csv", ".h5", ".vtk"]  # the table once, its namesake
+    assert files[-1].name == files[-2].stem + "_2.csv"
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(path.name for path in files)
+    warped = read_mesh(next(path for path in files if path.suffix == ".vtk"))
+    np.testing.assert_allclose(warped.vertices, outputs.result.warped.vertices, atol=1e-4)
+    np.testing.assert_allclose(warped.point_data["normal displacement"],
+                               outputs.result.warped.point_data["normal displacement"], atol=1e-5)
+    # ITK's transform file maps fixed points to moving points (resampling convention), in LPS
+    itk = sitk.ReadTransform(str(next(path for path in files if path.suffix == ".h5")))
+    lps = np.diag([-1.0, -1.0, 1.0])
+    matrix = slicer.util.arrayFromTransformMatrix(outputs.transform)
+    for point in hippocampus.vertices[:20]:
+        moved = matrix[:3, :3] @ point + matrix[:3, 3]
+        np.testing.assert_allclose(itk.TransformPoint(tuple(lps @ moved)), lps @ point, atol=1e-6)
+    with open(next(path for path in files if path.suffix == ".csv"), newline="") as handle:
+        written = {row["metric"]: row["value"] for row in csv.DictReader(handle)}
+    assert written == table_rows(outputs.table)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "chart")
+    with pytest.raises(ValueError, match="'chart' is a vtkMRMLPlotChartNode"):
+        export_nodes([chart], tmp_path / "out")
 
 
 def test_labelmap_to_model_affine_registration_and_measurement(scene, hippocampus):

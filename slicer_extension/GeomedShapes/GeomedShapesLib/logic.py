@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .nodes import (add_grid_transform, add_histogram_plot, add_linear_transform, add_model, add_table,
-                    image_from_segment, image_from_volume, mesh_from_model)
+                    file_stem, image_from_segment, image_from_volume, mesh_from_model, save_node)
 
 _GRID_SPACING_MM = 2.0
 _GRID_MARGIN_MM = 10.0
@@ -29,6 +30,10 @@ class RegistrationOutputs:
     table: object
     plot: object
     result: object
+
+    def nodes(self) -> list:
+        """The output nodes that hold data (transform, warped model, quality table), for :func:`export_nodes`."""
+        return [self.transform, self.warped, self.table]
 
 
 def shape_from_node(node, label: int | None = None, segment: str | None = None):
@@ -59,9 +64,8 @@ def backend(use_gpu: bool) -> str:
 
 
 def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | None = None,
-                   label: int | None = None, segment: str | None = None, blur: float | None = None,
-                   reach: float | None = None,
-                   use_gpu: bool = False, plot: bool = False,
+                   label: int | None = None, moving_segment: str | None = None, fixed_segment: str | None = None,
+                   blur: float | None = None, reach: float | None = None, use_gpu: bool = False, plot: bool = False,
                    progress: Callable[[str, int, float], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> RegistrationOutputs:
     """Register ``moving`` onto ``fixed`` (model, labelmap or volume nodes) and add the results as new nodes.
@@ -76,8 +80,8 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
         Anatomy scales; default scaled to the fixed shape.
     label : int, optional
         The label value to take from labelmap inputs (default: every non-zero voxel).
-    segment : str, optional
-        The segment (name or id) to take from segmentation inputs.
+    moving_segment, fixed_segment : str, optional
+        The segment (name or id) to take from a segmentation input.
     blur, reach : float, optional
         The deformable stages' Sinkhorn loss scales in mm (default: the preset's).
     use_gpu : bool
@@ -100,7 +104,8 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
     from geomed.surface import distance_to_surface
 
     started = time.perf_counter()
-    moving_mesh, fixed_mesh = shape_from_node(moving, label, segment), shape_from_node(fixed, label, segment)
+    moving_mesh = shape_from_node(moving, label, moving_segment)
+    fixed_mesh = shape_from_node(fixed, label, fixed_segment)
     loss = SinkhornLoss(blur=blur, reach=reach) if blur is not None else None
     device = backend(use_gpu)
     result = register(moving_mesh, fixed_mesh, model=model, preset=preset, loss=loss, progress=progress,
@@ -199,3 +204,24 @@ def longitudinal_nodes(scene, nodes, years, *, label: int | None = None, segment
                                             for name in ("normal displacement", "area change")})
     change_map = add_model(scene, baseline, f"{nodes[0].GetName()} change map", scalars="normal displacement")
     return table, change_map
+
+
+def export_nodes(nodes, folder: str | Path) -> list[Path]:
+    """Write output nodes (models ``.vtk``, transforms ``.h5``, tables ``.csv``) into ``folder``, each atomically,
+    named after the nodes. A node listed twice is written once; distinct nodes of the same name get ``_2``, ``_3``…
+    rather than overwriting each other.
+
+    Returns the files written, in order.
+    """
+    written, stems, seen = [], set(), set()
+    for node in nodes:
+        if node.GetID() in seen:
+            continue
+        seen.add(node.GetID())
+        stem, count = file_stem(node.GetName()), 1
+        while stem in stems:
+            count += 1
+            stem = f"{file_stem(node.GetName())}_{count}"
+        stems.add(stem)
+        written += save_node(node, Path(folder), stem)
+    return written

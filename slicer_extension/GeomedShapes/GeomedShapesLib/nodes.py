@@ -7,6 +7,11 @@ read through its transform to world, so that what the user sees is what is regis
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
+from pathlib import Path
+
 import numpy as np
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
@@ -16,6 +21,7 @@ from geomed import Image, Mesh
 from geomed._vtk import mesh_to_polydata, polydata_to_mesh
 
 DIVERGING_COLORS = "GeomedDivergingBlueRed"
+_FILE_SUFFIXES = {"vtkMRMLModelNode": ".vtk", "vtkMRMLTransformNode": ".h5", "vtkMRMLTableNode": ".csv"}
 
 
 def mesh_from_model(node) -> Mesh:
@@ -176,6 +182,38 @@ def add_histogram_plot(scene, samples: dict[str, np.ndarray], name: str, axis: s
     return chart
 
 
+def save_node(node, folder: Path, stem: str | None = None) -> list[Path]:
+    """Write a model, transform or table node into ``folder`` with Slicer's own storage node, as ``stem`` (default:
+    the node's name as a portable file name, :func:`file_stem`).
+
+    Models are written as ``.vtk`` (the header records the frame, so Slicer and :func:`geomed.read_mesh` read
+    them back in place), transforms as ``.h5`` (ITK), tables as ``.csv``. Files appear atomically: the storage node
+    writes into a private folder beside them, and each finished file is moved into place.
+
+    Returns
+    -------
+    list of Path
+        The files written (a table may come with its ``.schema.csv``).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = next((suffix for kind, suffix in _FILE_SUFFIXES.items() if node.IsA(kind)), None)
+    if suffix is None:
+        raise ValueError(f"{_name(node)} is a {node.GetClassName()}: only model, transform and table nodes are "
+                         "exported")
+    storage = node.CreateDefaultStorageNode()
+    stem = stem or file_stem(node.GetName())
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".geomed-export-") as scratch:
+        storage.SetFileName(str(Path(scratch) / f"{stem}{suffix}"))
+        if not storage.WriteData(node):
+            raise OSError(f"could not write {_name(node)} to {folder}: {storage.GetWriteStateAsString()}")
+        written = []
+        for path in sorted(Path(scratch).iterdir()):
+            os.replace(path, folder / path.name)
+            written.append(folder / path.name)
+    return written
+
+
 def table_rows(node) -> dict[str, str]:
     """A metric → value (text) view of a table node made by :func:`add_table`."""
     table = node.GetTable()
@@ -227,6 +265,11 @@ def _text(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
+
+
+def file_stem(name: str) -> str:
+    """A node name as a portable file name (letters, digits, ``-``, ``_``, ``.``; spaces and arrows as ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "node"
 
 
 def _name(node) -> str:
