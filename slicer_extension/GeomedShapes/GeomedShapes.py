@@ -6,6 +6,7 @@ first Apply, never when the module opens. (No ``from __future__ import annotatio
 wrapper reads the annotations as objects.)
 """
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Union
 
@@ -180,6 +181,9 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._running(True)
             try:
                 outputs = self.logic.process(self._parameterNode, progress=self._progress, cancel=self._cancel)
+                if outputs is None:
+                    slicer.util.showStatusMessage(_("Registration cancelled: no node was added"), 5000)
+                    return
                 self.ui.backendLabel.text = outputs.result.backend
                 self.ui.qualityTable.setMRMLTableNode(outputs.table)
                 self._setOutputs(outputs.nodes())
@@ -196,8 +200,12 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             years = [float(text) for text in self.ui.yearsEdit.text.replace(",", " ").split()]
             self._running(True)
             try:
-                table, changeMap = self.logic.longitudinal(self._parameterNode, nodes, years,
-                                                           progress=self._progress, cancel=self._cancel)
+                outputs = self.logic.longitudinal(self._parameterNode, nodes, years, progress=self._progress,
+                                                  cancel=self._cancel)
+                if outputs is None:
+                    slicer.util.showStatusMessage(_("Measurement cancelled: no node was added"), 5000)
+                    return
+                table, changeMap = outputs
                 self.ui.qualityTable.setMRMLTableNode(table)
                 self._setOutputs([table, changeMap])
             finally:
@@ -273,21 +281,32 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
         return str(Path(__file__).parent / "Resources" / "requirements.txt")
 
     def process(self, parameters, progress=None, cancel=None):
+        """Register as the parameters say; the new nodes (``RegistrationOutputs``), or None if cancelled (then no
+        node was added)."""
         from GeomedShapesLib.logic import register_nodes
 
-        return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode, model=parameters.model,
-                              preset=parameters.preset, label=parameters.label or None,
-                              moving_segment=parameters.movingSegment or None,
-                              fixed_segment=parameters.fixedSegment or None, blur=parameters.blur or None,
-                              reach=parameters.reach or None, use_gpu=parameters.useGPU, plot=parameters.plot,
-                              progress=progress, cancel=cancel)
+        from geomed.registration import RegistrationCancelled
+
+        with contextlib.suppress(RegistrationCancelled):
+            return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode,
+                                  model=parameters.model, preset=parameters.preset, label=parameters.label or None,
+                                  moving_segment=parameters.movingSegment or None,
+                                  fixed_segment=parameters.fixedSegment or None, blur=parameters.blur or None,
+                                  reach=parameters.reach or None, use_gpu=parameters.useGPU, plot=parameters.plot,
+                                  progress=progress, cancel=cancel)
+        return None
 
     def longitudinal(self, parameters, nodes, years, progress=None, cancel=None):
+        """One subject's change over time: (table node, change-map model node), or None if cancelled."""
         from GeomedShapesLib.logic import longitudinal_nodes
 
-        return longitudinal_nodes(slicer.mrmlScene, nodes, years, label=parameters.label or None,
-                                  segment=parameters.timepointSegment or None, preset=parameters.preset,
-                                  progress=progress, cancel=cancel)
+        from geomed.registration import RegistrationCancelled
+
+        with contextlib.suppress(RegistrationCancelled):
+            return longitudinal_nodes(slicer.mrmlScene, nodes, years, label=parameters.label or None,
+                                      segment=parameters.timepointSegment or None, preset=parameters.preset,
+                                      progress=progress, cancel=cancel)
+        return None
 
     def export(self, nodes, folder):
         from GeomedShapesLib.logic import export_nodes

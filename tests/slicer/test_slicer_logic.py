@@ -209,3 +209,32 @@ def test_longitudinal_table_and_change_map(scene, hippocampus):
     assert float(rows["y0 → y1: direct"]) == pytest.approx(-1.0, abs=1e-6)
     assert change_map.GetDisplayNode().GetActiveScalarName() == "normal displacement"
     assert np.nanmedian(slicer.util.arrayFromModelPointData(change_map, "normal displacement")) < 0
+
+
+def test_cancelled_runs_add_no_node(scene, hippocampus):
+    """Cancel adds nothing to the scene, even when it comes in the last of the longitudinal registrations."""
+    from geomed import register
+    from geomed.registration import RegistrationCancelled
+
+    def counting(limit: float):
+        polls = []
+
+        def cancel() -> bool:
+            polls.append(None)
+            return len(polls) > limit
+        return cancel, polls
+
+    nodes = [_model(scene, hippocampus.transformed(_motion(2.0 * t, [t, 0.0, 0.0])), f"y{t}") for t in range(3)]
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(RegistrationCancelled):
+        register_nodes(scene, nodes[1], nodes[0], model="affine", preset="brain", cancel=counting(0)[0])
+    assert scene.GetNumberOfNodes() == count
+    last, last_polls = counting(np.inf)
+    register(shape_from_node(nodes[0]), shape_from_node(nodes[2]), model="rigid", preset="brain", cancel=last)
+    whole, all_polls = counting(np.inf)
+    longitudinal_nodes(scene, nodes, [0.0, 1.0, 2.0], preset="brain", cancel=whole)
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(RegistrationCancelled):  # within the last registration (the change map's)
+        longitudinal_nodes(scene, nodes, [0.0, 1.0, 2.0], preset="brain",
+                           cancel=counting(len(all_polls) - len(last_polls) + 1)[0])
+    assert scene.GetNumberOfNodes() == count

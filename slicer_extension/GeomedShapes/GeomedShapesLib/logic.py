@@ -197,11 +197,11 @@ def longitudinal_nodes(scene, nodes, years, *, label: int | None = None, segment
         logs.append(np.log1p(change["registration_percent"] / 100.0))
     slope = np.polyfit(years, np.concatenate([[0.0], np.cumsum(logs)]), 1)[0]
     rows.append(("annual rate (registration)", 100.0 * float(np.expm1(slope)), "%/year"))
-    table = add_table(scene, rows, f"{nodes[0].GetName()} longitudinal change")
-    whole = register(meshes[0], meshes[-1], model="rigid", preset=preset, cancel=cancel)
+    whole = register(meshes[0], meshes[-1], model="rigid", preset=preset, progress=progress, cancel=cancel)
     carried = surface_change(meshes[0], meshes[-1], whole.transform)
     baseline = meshes[0].with_point_data(**{name: carried.point_data[name]
                                             for name in ("normal displacement", "area change")})
+    table = add_table(scene, rows, f"{nodes[0].GetName()} longitudinal change")  # nodes only once all is computed
     change_map = add_model(scene, baseline, f"{nodes[0].GetName()} change map", scalars="normal displacement")
     return table, change_map
 
