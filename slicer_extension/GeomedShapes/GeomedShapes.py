@@ -196,11 +196,10 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Longitudinal measurement failed."), waitCursor=True):
             if not self.logic.ensureDependencies():
                 return
-            nodes = self.ui.timepointsSelector.checkedNodes()
-            years = [float(text) for text in self.ui.yearsEdit.text.replace(",", " ").split()]
             self._running(True)
             try:
-                outputs = self.logic.longitudinal(self._parameterNode, nodes, years, progress=self._progress,
+                outputs = self.logic.longitudinal(self._parameterNode, self.ui.timepointsSelector.checkedNodes(),
+                                                  self.ui.yearsEdit.text, progress=self._progress,
                                                   cancel=self._cancel)
                 if outputs is None:
                     slicer.util.showStatusMessage(_("Measurement cancelled: no node was added"), 5000)

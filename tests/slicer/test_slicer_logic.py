@@ -203,12 +203,20 @@ def test_longitudinal_table_and_change_map(scene, hippocampus):
     scans = [Mesh(centre + (hippocampus.vertices - centre) * 0.99 ** (t / 3), hippocampus.triangles)
              for t in range(3)]
     nodes = [_model(scene, mesh.transformed(_motion(2.0 * t, [t, 0.0, 0.0])), f"y{t}") for t, mesh in enumerate(scans)]
-    table, change_map = longitudinal_nodes(scene, nodes, [0.0, 1.0, 2.0], preset="brain")
-    rows = table_rows(table)
+    table, change_map = longitudinal_nodes(scene, [nodes[2], nodes[0], nodes[1]], "2, 0 1", preset="brain")
+    rows = table_rows(table)  # taken in the order of their years
     assert float(rows["annual rate (registration)"]) == pytest.approx(-1.0, abs=0.1)  # 0.99 per year in volume
     assert float(rows["y0 → y1: direct"]) == pytest.approx(-1.0, abs=1e-6)
     assert change_map.GetDisplayNode().GetActiveScalarName() == "normal displacement"
     assert np.nanmedian(slicer.util.arrayFromModelPointData(change_map, "normal displacement")) < 0
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="'y0' and 'y2' have the same year"):
+        longitudinal_nodes(scene, nodes, [0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="3 timepoints, 2 years"):
+        longitudinal_nodes(scene, nodes, "0 1")
+    with pytest.raises(ValueError, match="'1y' is not a number"):
+        longitudinal_nodes(scene, nodes, "0 1y 2")
+    assert scene.GetNumberOfNodes() == count
 
 
 def test_cancelled_runs_add_no_node(scene, hippocampus):

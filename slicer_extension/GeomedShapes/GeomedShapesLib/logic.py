@@ -170,8 +170,16 @@ def longitudinal_nodes(scene, nodes, years, *, label: int | None = None, segment
                        preset: str | None = None,
                        progress: Callable[[str, int, float], None] | None = None,
                        cancel: Callable[[], bool] | None = None):
-    """One subject's timepoints (nodes in time order, ``years`` increasing): percent volume change of every
-    interval (direct and registration-based, as ``geomed study`` measures) and the change map of the whole span.
+    """One subject's timepoints: percent volume change of every interval (direct and registration-based, as
+    ``geomed study`` measures) and the change map of the whole span.
+
+    Parameters
+    ----------
+    nodes : sequence of MRML nodes
+        The timepoints, in any order.
+    years : sequence of float, or str
+        Each node's time in years (``"0 1 2.5"`` as typed in the module also works); the timepoints are taken in
+        the order of their years, which must differ.
 
     Returns
     -------
@@ -182,9 +190,15 @@ def longitudinal_nodes(scene, nodes, years, *, label: int | None = None, segment
     from geomed import register
     from geomed.morphometry import percent_volume_change, surface_change
 
-    years = [float(year) for year in years]
-    if len(nodes) < 2 or len(years) != len(nodes) or any(b <= a for a, b in zip(years, years[1:])):
-        raise ValueError("give at least two timepoints, each with a year, in increasing order")
+    years = parse_years(years) if isinstance(years, str) else [float(year) for year in years]
+    if len(nodes) < 2 or len(years) != len(nodes):
+        raise ValueError(f"give at least two timepoints and a year for each: {len(nodes)} timepoints, "
+                         f"{len(years)} years")
+    order = sorted(range(len(nodes)), key=years.__getitem__)
+    nodes, years = [nodes[i] for i in order], [years[i] for i in order]
+    for (a, first), (b, second) in zip(zip(years, nodes), zip(years[1:], nodes[1:])):
+        if not b > a:
+            raise ValueError(f"{first.GetName()!r} and {second.GetName()!r} have the same year ({a:g})")
     meshes = [shape_from_node(node, label, segment) for node in nodes]
     rows, logs = [], []
     for index in range(len(meshes) - 1):
@@ -204,6 +218,17 @@ def longitudinal_nodes(scene, nodes, years, *, label: int | None = None, segment
     table = add_table(scene, rows, f"{nodes[0].GetName()} longitudinal change")  # nodes only once all is computed
     change_map = add_model(scene, baseline, f"{nodes[0].GetName()} change map", scalars="normal displacement")
     return table, change_map
+
+
+def parse_years(text: str) -> list[float]:
+    """Years typed as numbers separated by spaces or commas (``"0 1 2.5"``, ``"0, 1.5"``)."""
+    years = []
+    for word in text.replace(",", " ").split():
+        try:
+            years.append(float(word))
+        except ValueError:
+            raise ValueError(f"years: {word!r} is not a number (type them as '0 1 2.5')") from None
+    return years
 
 
 def export_nodes(nodes, folder: str | Path) -> list[Path]:
