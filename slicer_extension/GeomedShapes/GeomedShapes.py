@@ -26,6 +26,7 @@ from slicer.util import VTKObservationMixin
 
 PRESETS = ("brain", "knee", "heart")
 MODELS = ("rigid", "similarity", "affine", "deformable", "diffeomorphic")
+LOSSES = ("sinkhorn", "kernel", "varifold")
 
 
 class GeomedShapes(ScriptedLoadableModule):
@@ -57,7 +58,9 @@ class GeomedShapesParameterNode:
     label - label value to take from labelmap inputs (0: every non-zero voxel)
     preset - anatomy scales (brain, knee, heart)
     model - transform model
-    blur, reach - the deformable stages' Sinkhorn scales in mm (0: the preset's)
+    loss - what the deformable stages minimise: Sinkhorn divergence, Gaussian-kernel MMD or varifold distance
+    blur - the Sinkhorn blur or the kernel width in mm (0: the preset's finest blur)
+    reach - the Sinkhorn reach in mm (0: the preset's)
     useGPU - run on CUDA when available
     plot - also plot the surface distances before and after
     timepointSegment - the segment name to take from segmentation timepoints (longitudinal)
@@ -71,6 +74,7 @@ class GeomedShapesParameterNode:
     label: Annotated[int, Minimum(0), Default(0)]
     preset: Annotated[str, Choice(list(PRESETS)), Default("brain")]
     model: Annotated[str, Choice(list(MODELS)), Default("rigid")]
+    loss: Annotated[str, Choice(list(LOSSES)), Default("sinkhorn")]
     blur: Annotated[float, Minimum(0.0), Maximum(100.0), Default(0.0)]
     reach: Annotated[float, Minimum(0.0), Maximum(1000.0), Default(0.0)]
     useGPU: Annotated[bool, Default(False)]
@@ -146,6 +150,7 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._showSegmentPickers()
+        self.ui.reachSpinBox.enabled = self._parameterNode.loss == "sinkhorn"
         ready = bool(self._parameterNode and self._parameterNode.fixedNode and self._parameterNode.movingNode)
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = _("Register the moving shape onto the fixed one") if ready else _(
@@ -290,8 +295,10 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
             return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode,
                                   model=parameters.model, preset=parameters.preset, label=parameters.label or None,
                                   moving_segment=parameters.movingSegment or None,
-                                  fixed_segment=parameters.fixedSegment or None, blur=parameters.blur or None,
-                                  reach=parameters.reach or None, use_gpu=parameters.useGPU, plot=parameters.plot,
+                                  fixed_segment=parameters.fixedSegment or None, loss=parameters.loss,
+                                  blur=parameters.blur or None,
+                                  reach=(parameters.reach or None) if parameters.loss == "sinkhorn" else None,
+                                  use_gpu=parameters.useGPU, plot=parameters.plot,
                                   progress=progress, cancel=cancel)
         return None
 
