@@ -229,14 +229,18 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.enabled = bool(self._outputNodes)
 
     def _running(self, running: bool) -> None:
+        """Buttons and the (busy) progress bar while the logic runs."""
         self._cancelled = False
-        self.ui.applyButton.enabled = not running
+        self.ui.applyButton.enabled = self.ui.longitudinalButton.enabled = not running
         self.ui.cancelButton.enabled = running
+        self.ui.progressBar.setRange(0, 0)  # the number of iterations is not known in advance
         self.ui.progressBar.setVisible(running)
+        if not running and self._parameterNode:
+            self._onParameterNodeModified()  # Apply only with both inputs chosen
 
     def _progress(self, stage: str, iteration: int, value: float) -> None:
-        self.ui.progressBar.setFormat(f"{stage}: {iteration}")
-        self.ui.progressBar.setValue(iteration % 100)
+        """Called by the logic after every step: show where it is, and let Qt handle Cancel."""
+        slicer.util.showStatusMessage(_("{stage}: iteration {iteration}").format(stage=stage, iteration=iteration))
         slicer.app.processEvents()
 
     def _cancel(self) -> bool:
