@@ -96,6 +96,46 @@ def test_ui_parses_and_every_parameter_binding_is_a_parameter_node_field():
         assert used in names, used
 
 
+# The widget classes slicer.parameterNodeWrapper can bind, and the field types each represents (its guiConnectors
+# module, Slicer 5.6–5.10, matches the exact widget class: a ctkDoubleSpinBox, say, has no connector). "node" is a
+# vtkMRML node class or a Union of them; a QComboBox needs a Choice annotation.
+_CONNECTORS = {
+    "QCheckBox": {"bool"}, "QPushButton": {"bool"}, "QSpinBox": {"int"}, "QSlider": {"int"},
+    "QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "QComboBox": {"str", "int", "float", "bool"},
+    "QLineEdit": {"str"}, "QTextEdit": {"str"}, "ctkPathLineEdit": {"Path"}, "ctkDirectoryButton": {"Path"},
+    "qMRMLNodeComboBox": {"node"}, "qMRMLSubjectHierarchyTreeView": {"node"},
+}
+
+
+def _field_type(annotation: ast.expr) -> tuple[str, bool]:
+    """(the field's base type, whether it has a Choice annotation), from its annotation in the module source."""
+    choice = False
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+        first, *extras = annotation.slice.elts
+        choice = any(ast.unparse(extra).startswith("Choice(") for extra in extras)
+        annotation = first
+    text = ast.unparse(annotation)
+    names = re.findall(r"vtkMRML\w+", text)
+    if names and (text in names or text.startswith("Union[")):
+        return "node", choice
+    return text, choice
+
+
+def test_every_bound_widget_has_a_parameter_node_connector_for_its_field():
+    fields = {node.target.id: _field_type(node.annotation) for node in _classes()["GeomedShapesParameterNode"].body
+              if isinstance(node, ast.AnnAssign)}
+    root = ElementTree.parse(MODULE / "Resources" / "UI" / "GeomedShapes.ui").getroot()
+    for widget in root.iter("widget"):
+        bound = [prop.findtext("string") for prop in widget.findall("property")
+                 if prop.get("name") == "SlicerParameterName"]
+        if not bound:
+            continue
+        kind, choice = fields[bound[0]]
+        assert kind in _CONNECTORS.get(widget.get("class"), set()), (widget.get("name"), widget.get("class"), kind)
+        if widget.get("class") == "QComboBox":
+            assert choice, f"{bound[0]} is shown in a QComboBox: it needs a Choice annotation"
+
+
 def test_segmentation_inputs_have_segment_pickers_wired_to_the_parameter_node():
     root = ElementTree.parse(MODULE / "Resources" / "UI" / "GeomedShapes.ui").getroot()
     pickers = {widget.get("name") for widget in root.iter("widget")
