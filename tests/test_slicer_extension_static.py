@@ -96,9 +96,10 @@ def test_ui_parses_and_every_parameter_binding_is_a_parameter_node_field():
         assert used in names, used
 
 
-# The widget classes slicer.parameterNodeWrapper can bind, and the field types each represents (its guiConnectors
-# module, Slicer 5.6–5.10, matches the exact widget class: a ctkDoubleSpinBox, say, has no connector). "node" is a
-# vtkMRML node class or a Union of them; a QComboBox needs a Choice annotation.
+# The widget classes slicer.parameterNodeWrapper can bind, and the field types each represents, as its
+# guiConnectors module registers them (it matches the exact widget class: a ctkDoubleSpinBox, say, has no
+# connector, and connectGui would fail when the module opens). "node" is a vtkMRML node class or a Union of them;
+# a QComboBox needs a Choice annotation.
 _CONNECTORS = {
     "QCheckBox": {"bool"}, "QPushButton": {"bool"}, "QSpinBox": {"int"}, "QSlider": {"int"},
     "QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "QComboBox": {"str", "int", "float", "bool"},
