@@ -86,6 +86,11 @@ def test_study_runs_unchanged_on_a_loopback_cluster_of_two_workers(cohort, refer
     pd.testing.assert_frame_equal(_changes(result), _changes(reference))
 
 
+# A finished subject's folder; not the hidden ``.<subject>.*.partial`` one it is written in (pathlib's ``*`` matches
+# hidden names too, and the kill may land between writing result.json there and renaming the folder).
+_FINISHED = "[!.]*/result.json"
+
+
 def test_killed_study_resumes_with_identical_results(cohort, reference, tmp_path):
     """Kill the command with SIGKILL once a subject is written; the re-run measures only the others, and the
     tables equal an uninterrupted run's, without lost or duplicated rows."""
@@ -94,14 +99,14 @@ def test_killed_study_resumes_with_identical_results(cohort, reference, tmp_path
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
-        while not list((output / "subjects").glob("*/result.json")):
+        while not list((output / "subjects").glob(_FINISHED)):
             assert process.poll() is None, "the study ended before it could be killed"
             assert time.monotonic() < deadline, "no subject finished within 5 minutes"
             time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    finished = {path.parent.name for path in (output / "subjects").glob("*/result.json")}
+    finished = {path.parent.name for path in (output / "subjects").glob(_FINISHED)}
     assert 1 <= len(finished) < 4
     assert not (output / "changes.parquet").exists()
     statuses = {}
