@@ -340,8 +340,9 @@ class GeomedShapesTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
+        from GeomedShapesLib.nodes import add_model
+
         from geomed import datasets, mask_to_mesh
-        from geomed._vtk import mesh_to_polydata
 
         self.delayDisplay("Starting the test")
         mesh = mask_to_mesh(datasets.brain_labels("9861"), "left_hippocampus")
@@ -349,8 +350,8 @@ class GeomedShapesTest(ScriptedLoadableModuleTest):
         motion = np.eye(4)
         motion[:3, :3] = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
         motion[:3, 3] = [2.0, -1.0, 3.0]
-        fixed = slicer.modules.models.logic().AddModel(mesh_to_polydata(mesh))
-        moving = slicer.modules.models.logic().AddModel(mesh_to_polydata(mesh.transformed(motion)))
+        fixed = add_model(slicer.mrmlScene, mesh, "fixed hippocampus")
+        moving = add_model(slicer.mrmlScene, mesh.transformed(motion), "moving hippocampus")
         parameters = GeomedShapesLogic().getParameterNode()
         parameters.fixedNode, parameters.movingNode, parameters.model = fixed, moving, "rigid"
         outputs = GeomedShapesLogic().process(parameters)
