@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,12 @@ def file_suffix(path: Path) -> str:
     """The lower-case format suffix of a path, treating ``.nii.gz`` as one suffix."""
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def file_stem(name: str) -> str:
+    """A name (a structure's, a node's) made safe as a file name or part of one: letters, digits, '.', '_', '-';
+    runs of anything else become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "shape"
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._files import atomic_path, file_suffix
+from ._files import atomic_path, file_stem, file_suffix
 from .io import IMAGE_FORMATS, MESH_FORMATS, read_image, read_mesh, write_mesh
 from .mesh import Mesh
 from .morphometry import percent_volume_change, surface_area, surface_change, volume
@@ -434,11 +434,6 @@ def _interval(first: dict, second: dict, before: Mesh, after: Mesh, parameters: 
 def _map_name(structure: str, index: int, entries: list[dict]) -> str:
     first, second = entries[index], entries[index + 1]
     return f"{file_stem(structure)}_{index:02d}_{float(first['years']):g}y_to_{float(second['years']):g}y"
-
-
-def file_stem(name: str) -> str:
-    """A structure name made safe as part of a file name (letters, digits, '.', '_', '-'; nothing else)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "shape"
 
 
 def _save_subject(output: Path, subject: str, key: str, outcome: dict) -> None:

@@ -14,7 +14,7 @@ from . import __version__
 from ._files import atomic_path
 from .io import read_mesh
 from .plotting import plot_surface
-from .study import file_stem
+from ._files import file_stem
 
 logger = logging.getLogger(__name__)
 

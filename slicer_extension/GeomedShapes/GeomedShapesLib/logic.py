@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from geomed._files import file_stem
+
 from .nodes import (add_grid_transform, add_histogram_plot, add_linear_transform, add_model, add_table,
-                    file_stem, image_from_segment, image_from_volume, mesh_from_model, save_node)
+                    image_from_segment, image_from_volume, mesh_from_model, save_node)
 
 LOSSES = ("sinkhorn", "kernel", "varifold")
 _GRID_SPACING_MM = 2.0

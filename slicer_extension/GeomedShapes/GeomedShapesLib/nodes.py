@@ -8,7 +8,6 @@ read through its transform to world, so that what the user sees is what is regis
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkFiltersCore import vtkTriangleFilter
 
 from geomed import Image, Mesh
+from geomed._files import file_stem
 from geomed._vtk import mesh_to_polydata, polydata_to_mesh
 
 DIVERGING_COLORS = "GeomedDivergingBlueRed"
@@ -184,7 +184,7 @@ def add_histogram_plot(scene, samples: dict[str, np.ndarray], name: str, axis: s
 
 def save_node(node, folder: Path, stem: str | None = None) -> list[Path]:
     """Write a model, transform or table node into ``folder`` with Slicer's own storage node, as ``stem`` (default:
-    the node's name as a portable file name, :func:`file_stem`).
+    the node's name as a portable file name).
 
     Models are written as ``.vtk`` (the header records the frame, so Slicer and :func:`geomed.read_mesh` read
     them back in place), transforms as ``.h5`` (ITK), tables as ``.csv``. Files appear atomically: the storage node
@@ -265,11 +265,6 @@ def _text(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
     return str(value)
-
-
-def file_stem(name: str) -> str:
-    """A node name as a portable file name (letters, digits, ``-``, ``_``, ``.``; spaces and arrows as ``_``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "node"
 
 
 def _name(node) -> str:
