@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,10 @@ from geomed.cli import main
 
 
 def test_console_script_help_reads_well():
-    executable = shutil.which("geomed") or pytest.skip("the geomed console script is not on PATH")
+    beside = Path(sys.executable).with_name("geomed")  # the environment's scripts folder, on PATH or not
+    executable = str(beside) if beside.exists() else shutil.which("geomed")
+    if executable is None:
+        pytest.skip("the geomed console script is not installed beside this Python nor on PATH")
     top = subprocess.run([executable, "--help"], capture_output=True, text=True, check=True).stdout
     assert "measure" in top and "RAS" in top
     measure = subprocess.run([executable, "measure", "--help"], capture_output=True, text=True, check=True).stdout
