@@ -100,6 +100,19 @@ def test_model_and_labelmap_nodes_round_trip(scene, hippocampus):
     np.testing.assert_allclose(mesh_from_model(model).vertices, hippocampus.vertices + [5.0, 0.0, 0.0])
 
 
+def test_inputs_without_a_shape_are_refused_naming_the_node(scene):
+    labels = datasets.brain_labels("9861")
+    with pytest.raises(ValueError, match="'brain': label 999 is absent"):
+        shape_from_node(_labelmap(scene, labels, "brain"), 999)
+    blank = type(labels)(np.zeros(labels.shape, np.uint8), labels.affine)
+    with pytest.raises(ValueError, match="'blank': mask is empty"):
+        shape_from_node(_labelmap(scene, blank, "blank"))
+    with pytest.raises(ValueError, match="'empty' has no surface"):
+        mesh_from_model(scene.AddNewNodeByClass("vtkMRMLModelNode", "empty"))
+    with pytest.raises(ValueError, match="'markups' is a vtkMRMLMarkupsFiducialNode"):
+        shape_from_node(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "markups"))
+
+
 def test_segment_of_a_segmentation_node(scene, hippocampus):
     labels = datasets.brain_labels("9861")
     node = _segmentation(scene, labels, 40, "left hippocampus")

@@ -43,20 +43,28 @@ def shape_from_node(node, label: int | None = None, segment: str | None = None):
     """A model node's surface, a volume / labelmap node's boundary surface (of the label value ``label``, default
     every non-zero voxel), or the surface of a segmentation node's ``segment`` (name or id), as a geomed Mesh in
     world RAS mm."""
-    from geomed import mask_to_mesh
-
     if node is None:
         raise ValueError("select an input node")
     if node.IsA("vtkMRMLModelNode"):
         return mesh_from_model(node)
     if node.IsA("vtkMRMLScalarVolumeNode"):
-        return mask_to_mesh(image_from_volume(node), label)
+        return _surface_of(node, image_from_volume(node), label)
     if node.IsA("vtkMRMLSegmentationNode"):
         if not segment:
             raise ValueError(f"choose a segment of {node.GetName()!r}")
-        return mask_to_mesh(image_from_segment(node, segment))
+        return _surface_of(node, image_from_segment(node, segment), None)
     raise ValueError(f"{node.GetName()!r} is a {node.GetClassName()}: use a model, labelmap, volume or "
                      "segmentation node")
+
+
+def _surface_of(node, image, label: int | None):
+    """The mask's boundary surface; geomed's complaint (empty mask, absent label) prefixed with the node's name."""
+    from geomed import mask_to_mesh
+
+    try:
+        return mask_to_mesh(image, label)
+    except ValueError as error:
+        raise ValueError(f"{node.GetName()!r}: {error}") from None
 
 
 def backend(use_gpu: bool) -> str:
