@@ -183,3 +183,19 @@ def test_logic_library_imports_without_slicer(monkeypatch):
     assert callable(logic.register_nodes) and callable(logic.longitudinal_nodes)
     for path in (MODULE / "GeomedShapesLib").glob("*.py"):
         assert not re.search(r"^\s*(import|from) (slicer|qt|ctk)\b", path.read_text(), re.M), path
+
+
+def test_the_module_offers_the_presets_models_and_losses_of_geomed(monkeypatch):
+    """The module lists them itself (it imports no geomed when it opens); they must be geomed's own."""
+    from geomed.registration import MODELS, PRESETS
+
+    monkeypatch.syspath_prepend(str(MODULE))
+    import importlib
+
+    logic = importlib.import_module("GeomedShapesLib.logic")
+    constants = {node.targets[0].id: ast.literal_eval(node.value) for node in _tree().body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                 and node.targets[0].id in {"PRESETS", "MODELS", "LOSSES"}}
+    assert set(constants["PRESETS"]) == set(PRESETS)
+    assert tuple(constants["MODELS"]) == tuple(MODELS)
+    assert tuple(constants["LOSSES"]) == tuple(logic.LOSSES)

@@ -284,8 +284,6 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def requirements() -> str:
-        from pathlib import Path
-
         return str(Path(__file__).parent / "Resources" / "requirements.txt")
 
     def process(self, parameters, progress=None, cancel=None):
