@@ -163,7 +163,7 @@ def test_dependencies_are_installed_on_apply_after_asking_never_at_open():
     widget = ast.unparse(classes["GeomedShapesWidget"])
     setup = ast.unparse(next(node for node in classes["GeomedShapesWidget"].body
                              if isinstance(node, ast.FunctionDef) and node.name == "setup"))
-    assert "ensureDependencies" not in setup and widget.count("ensureDependencies()") == 2
+    assert "ensureDependencies" not in setup and widget.count("ensureDependencies()") == 3
 
 
 def test_requirements_leave_torch_to_the_pytorch_extension():

@@ -107,6 +107,7 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = GeomedShapesLogic()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.previewButton.connect("clicked(bool)", self.onPreviewButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.longitudinalButton.connect("clicked(bool)", self.onLongitudinalButton)
@@ -152,7 +153,7 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showSegmentPickers()
         self.ui.reachSpinBox.enabled = self._parameterNode.loss == "sinkhorn"
         ready = bool(self._parameterNode and self._parameterNode.fixedNode and self._parameterNode.movingNode)
-        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.enabled = self.ui.previewButton.enabled = ready
         self.ui.applyButton.toolTip = _("Register the moving shape onto the fixed one") if ready else _(
             "Select fixed and moving shapes")
 
@@ -178,6 +179,11 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMovingSegmentChanged(self, segmentId: str) -> None:
         if self._parameterNode:
             self._parameterNode.movingSegment = segmentId or ""
+
+    def onPreviewButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Preview failed."), waitCursor=True):
+            if self.logic.ensureDependencies():
+                self.logic.preview(self._parameterNode)
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
@@ -231,7 +237,8 @@ class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _running(self, running: bool) -> None:
         """Buttons and the (busy) progress bar while the logic runs."""
         self._cancelled = False
-        self.ui.applyButton.enabled = self.ui.longitudinalButton.enabled = not running
+        for button in (self.ui.previewButton, self.ui.applyButton, self.ui.longitudinalButton):
+            button.enabled = not running
         self.ui.cancelButton.enabled = running
         self.ui.progressBar.setRange(0, 0)  # the number of iterations is not known in advance
         self.ui.progressBar.setVisible(running)
@@ -285,6 +292,14 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def requirements() -> str:
         return str(Path(__file__).parent / "Resources" / "requirements.txt")
+
+    def preview(self, parameters):
+        """The two surfaces a registration would take, as scratch models (replaced by the next preview)."""
+        from GeomedShapesLib.logic import preview_nodes
+
+        return preview_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode,
+                             label=parameters.label or None, moving_segment=parameters.movingSegment or None,
+                             fixed_segment=parameters.fixedSegment or None)
 
     def process(self, parameters, progress=None, cancel=None):
         """Register as the parameters say; the new nodes (``RegistrationOutputs``), or None if cancelled (then no

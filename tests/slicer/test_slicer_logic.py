@@ -20,7 +20,7 @@ if not hasattr(slicer, "vtkMRMLScene"):  # another PyPI package is also called "
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "slicer_extension" / "GeomedShapes"))
 
 from GeomedShapesLib.logic import export_nodes, longitudinal_nodes, measure_nodes, register_nodes  # noqa: E402
-from GeomedShapesLib.logic import deformable_loss, shape_from_node  # noqa: E402
+from GeomedShapesLib.logic import deformable_loss, preview_nodes, shape_from_node  # noqa: E402
 from GeomedShapesLib.nodes import image_from_segment, image_from_volume, mesh_from_model, table_rows  # noqa: E402
 
 from geomed import KernelLoss, Mesh, SinkhornLoss, VarifoldLoss, datasets, mask_to_mesh, read_mesh  # noqa: E402
@@ -111,6 +111,22 @@ def test_inputs_without_a_shape_are_refused_naming_the_node(scene):
         mesh_from_model(scene.AddNewNodeByClass("vtkMRMLModelNode", "empty"))
     with pytest.raises(ValueError, match="'markups' is a vtkMRMLMarkupsFiducialNode"):
         shape_from_node(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "markups"))
+
+
+def test_preview_shows_what_would_be_registered_and_replaces_itself(scene, hippocampus):
+    labels = datasets.brain_labels("9861")
+    fixed, moving = _labelmap(scene, labels, "brain"), _model(scene, hippocampus, "model")
+    shown = preview_nodes(scene, moving, fixed, label=40)
+    np.testing.assert_allclose(mesh_from_model(shown[0]).vertices, hippocampus.vertices)
+    np.testing.assert_allclose(mesh_from_model(shown[1]).vertices, mask_to_mesh(labels, 40).vertices)
+    assert not any(node.GetSaveWithScene() for node in shown)
+    count = scene.GetNumberOfNodes()
+    again = preview_nodes(scene, moving, fixed, label=41)  # the amygdala: the old preview goes
+    assert scene.GetNumberOfNodes() == count and again[1].GetPolyData().GetNumberOfPoints() != \
+        shown[1].GetPolyData().GetNumberOfPoints()
+    with pytest.raises(ValueError, match="label 999 is absent"):
+        preview_nodes(scene, moving, fixed, label=999)
+    assert scene.GetNumberOfNodes() == count  # a failed preview leaves the last one
 
 
 def test_segment_of_a_segmentation_node(scene, hippocampus):

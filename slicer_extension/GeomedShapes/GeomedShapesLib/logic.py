@@ -20,6 +20,7 @@ from .nodes import (add_grid_transform, add_histogram_plot, add_linear_transform
                     image_from_segment, image_from_volume, mesh_from_model, save_node)
 
 LOSSES = ("sinkhorn", "kernel", "varifold")
+_PREVIEW = "GeomedShapes.preview"
 _GRID_SPACING_MM = 2.0
 _GRID_MARGIN_MM = 10.0
 
@@ -65,6 +66,33 @@ def _surface_of(node, image, label: int | None):
         return mask_to_mesh(image, label)
     except ValueError as error:
         raise ValueError(f"{node.GetName()!r}: {error}") from None
+
+
+def preview_nodes(scene, moving, fixed, *, label: int | None = None, moving_segment: str | None = None,
+                  fixed_segment: str | None = None):
+    """Show the two surfaces a registration would take (a labelmap's label, a segment, a model through its parent
+    transform), before running it: two model nodes, the fixed one yellow and the moving one blue, half transparent.
+
+    They are scratch nodes: not saved with the scene, and replaced by the next preview. Returns (moving, fixed).
+    """
+    shapes = [shape_from_node(moving, label, moving_segment), shape_from_node(fixed, label, fixed_segment)]
+    for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
+        if node.GetAttribute(_PREVIEW) is not None:
+            for display in [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]:
+                scene.RemoveNode(display)
+            scene.RemoveNode(node)
+    shown = []
+    for role, node, mesh, colour in (("moving", moving, shapes[0], (0.3, 0.55, 1.0)),
+                                      ("fixed", fixed, shapes[1], (1.0, 0.85, 0.3))):
+        model = add_model(scene, mesh, f"{node.GetName()} ({role}, preview)")
+        model.SetAttribute(_PREVIEW, role)
+        model.SetSaveWithScene(False)
+        display = model.GetDisplayNode()
+        if display is not None:
+            display.SetColor(*colour)
+            display.SetOpacity(0.6)
+        shown.append(model)
+    return tuple(shown)
 
 
 def backend(use_gpu: bool) -> str:
