@@ -84,7 +84,7 @@ class GeomedShapesParameterNode:
 
 
 class GeomedShapesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: node and segment pickers, preset, model, loss scales, Apply / Cancel, progress, export.
+    """The panel: node and segment pickers, preset, model, loss, Preview / Apply / Cancel, progress, export.
 
     No computation here: every action calls the logic, inside ``tryWithErrorDisplay``.
     """
