@@ -11,10 +11,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import __version__
-from ._files import atomic_path
+from ._files import atomic_path, file_stem
 from .io import read_mesh
 from .plotting import plot_surface
-from ._files import file_stem
 
 logger = logging.getLogger(__name__)
 

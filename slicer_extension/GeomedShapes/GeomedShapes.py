@@ -293,13 +293,17 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
     def requirements() -> str:
         return str(Path(__file__).parent / "Resources" / "requirements.txt")
 
+    @staticmethod
+    def _shapes(parameters) -> dict:
+        """Which shape to take from each input: the label of labelmaps, the segment of segmentations."""
+        return {"label": parameters.label or None, "moving_segment": parameters.movingSegment or None,
+                "fixed_segment": parameters.fixedSegment or None}
+
     def preview(self, parameters):
         """The two surfaces a registration would take, as scratch models (replaced by the next preview)."""
         from GeomedShapesLib.logic import preview_nodes
 
-        return preview_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode,
-                             label=parameters.label or None, moving_segment=parameters.movingSegment or None,
-                             fixed_segment=parameters.fixedSegment or None)
+        return preview_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode, **self._shapes(parameters))
 
     def process(self, parameters, progress=None, cancel=None):
         """Register as the parameters say; the new nodes (``RegistrationOutputs``), or None if cancelled (then no
@@ -310,10 +314,8 @@ class GeomedShapesLogic(ScriptedLoadableModuleLogic):
 
         with contextlib.suppress(RegistrationCancelled):
             return register_nodes(slicer.mrmlScene, parameters.movingNode, parameters.fixedNode,
-                                  model=parameters.model, preset=parameters.preset, label=parameters.label or None,
-                                  moving_segment=parameters.movingSegment or None,
-                                  fixed_segment=parameters.fixedSegment or None, loss=parameters.loss,
-                                  blur=parameters.blur or None,
+                                  **self._shapes(parameters), model=parameters.model, preset=parameters.preset,
+                                  loss=parameters.loss, blur=parameters.blur or None,
                                   reach=(parameters.reach or None) if parameters.loss == "sinkhorn" else None,
                                   use_gpu=parameters.useGPU, plot=parameters.plot,
                                   progress=progress, cancel=cancel)
