@@ -39,7 +39,7 @@ fi
 bench() { timeout "$1" python3 benchmarks/sinkhorn.py --device cuda --passes fwd+bwd "${@:2}"; }
 if wants sinkhorn; then
 peers=(geomloss-tensorized)
-if python3 -c "import sys; from geomed.ot.softmin import keops_available; sys.exit(not keops_available())"; then
+if python3 -c "import sys; from geomed._spatial import keops_available; sys.exit(not keops_available())"; then
   peers+=(geomloss-online geomloss-multiscale)
 fi
 bench 150 --sizes 10000 --inputs cube surface volume --out "$out/n10k" --repeats 3 \

@@ -142,7 +142,7 @@ def _reference(kind: str, n: int, blur_fraction: float, device: torch.device) ->
     """Exact (untruncated) solve at marginal error 1e-3: float64 tiles up to 20k points, float32 beyond (KeOps on a
     GPU)."""
     from geomed import Measure, sinkhorn_divergence
-    from geomed.ot.softmin import keops_available
+    from geomed._spatial import keops_available
 
     dtype = torch.float64 if n <= 20_000 else torch.float32
     backend = "keops" if n > 20_000 and device.type == "cuda" and keops_available() else "online"

@@ -63,9 +63,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._spatial import LOGIT_FLOOR, expand_ranges, keops_available, morton_order
 from .measure import Measure
-from .ot.multiscale import _expand_ranges, morton_order
-from .ot.softmin import _FLUSH, keops_available
 
 KERNELS = ("gaussian", "laplacian", "energy")
 ORIENTATIONS = ("current", "oriented", "unoriented")
@@ -101,12 +100,12 @@ class _Kernel:
         if self.name == "gaussian":
             squared = torch.addmm((yc * yc).sum(1).unsqueeze(0), xr, yc.T, alpha=-2)
             squared.add_((xr * xr).sum(1, keepdim=True)).clamp_min_(0)
-            position = squared.mul_(-0.5 / self.blur**2).clamp_min_(_FLUSH).exp_()
+            position = squared.mul_(-0.5 / self.blur**2).clamp_min_(LOGIT_FLOOR).exp_()
             slope = None
         else:
             distance = torch.cdist(xr, yc, compute_mode="donot_use_mm_for_euclid_dist")
             if self.name == "laplacian":
-                position = torch.div(distance, -self.blur).clamp_min_(_FLUSH).exp_()
+                position = torch.div(distance, -self.blur).clamp_min_(LOGIT_FLOOR).exp_()
             else:
                 position = -distance
             if gradients:
@@ -122,7 +121,7 @@ class _Kernel:
             elif self.orientation == "unoriented":
                 orientation, derivative = cosine * cosine, position * cosine * 2
             else:
-                orientation = cosine.sub_(1).div_(self.orientation_width**2).clamp_min_(_FLUSH).exp_()
+                orientation = cosine.sub_(1).div_(self.orientation_width**2).clamp_min_(LOGIT_FLOOR).exp_()
                 derivative = position * orientation / self.orientation_width**2
         full = position if orientation is None else position * orientation
         if not gradients:
@@ -224,7 +223,7 @@ class _Tiles:
             return slice(0, self.n)
         gap = (self.cell_low - self.row_high[block]).clamp_min(0) + (self.row_low[block] - self.cell_high).clamp_min(0)
         near = (gap * gap).sum(1) <= self.radius**2
-        columns = _expand_ranges(self.cell_starts[near], self.cell_counts[near])
+        columns = expand_ranges(self.cell_starts[near], self.cell_counts[near])
         self.computed += (min(self.starts[block] + self.rows, self.n) - self.starts[block]) * len(columns)
         return columns
 

@@ -10,7 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from geomed import Image, Measure, Mesh, datasets, mask_to_mesh, register
 from geomed.registration import PRESETS, AffineTransform, KernelDeformation, RegistrationCancelled
-from geomed.ot.softmin import keops_available
+from geomed._spatial import keops_available
 from geomed.plotting import plot_registration, plot_surface
 from geomed.surface import distance_to_surface
 from geomed.registration.kernel_velocity import velocity

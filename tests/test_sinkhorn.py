@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geomed import Measure, SinkhornLoss, datasets, mask_to_mesh, sinkhorn_divergence
-from geomed.ot.multiscale import Multiscale, _expand_ranges
-from geomed.ot.softmin import keops_available
+from geomed._spatial import expand_ranges, keops_available
+from geomed.ot.multiscale import Multiscale
 
 CONVERGED = dict(tol=1e-7, max_iter=20_000)
 
@@ -282,7 +282,7 @@ def test_expanded_ranges_are_compact_int32_aranges(ranges):
     """The block-sparse column indices: concatenated aranges, int32 (half the multiscale memory of int64)."""
     starts = torch.tensor([start for start, _ in ranges], dtype=torch.long)
     counts = torch.tensor([count for _, count in ranges], dtype=torch.long)
-    expanded = _expand_ranges(starts, counts)
+    expanded = expand_ranges(starts, counts)
     assert expanded.dtype == torch.int32
     assert expanded.tolist() == [index for start, count in ranges for index in range(start, start + count)]
 
@@ -393,24 +393,24 @@ def test_autocast_and_grad_mode():
 def test_keops_failure_is_reported_once(caplog, monkeypatch):
     """A real KeOps failure (its cache folder cannot be created) found by the child-process probe: logged once,
     ``backend='keops'`` refused with the reason, ``auto`` falls back to the torch backends."""
-    from geomed.ot import softmin
+    from geomed import _spatial
 
-    saved = dict(softmin._KEOPS_STATUS)
+    saved = dict(_spatial.KEOPS_STATUS)
     monkeypatch.setenv("KEOPS_CACHE_FOLDER", "/proc/geomed-no-such-folder")
     try:
-        softmin._KEOPS_STATUS.clear()
-        with caplog.at_level(logging.WARNING, logger="geomed.ot.softmin"):
+        _spatial.KEOPS_STATUS.clear()
+        with caplog.at_level(logging.WARNING, logger="geomed._spatial"):
             with pytest.raises(ValueError, match="KeOps is unavailable"):
                 sinkhorn_divergence(_cloud(5, 1), _cloud(5, 2), blur=1.0, backend="keops")
             result = sinkhorn_divergence(_cloud(2500, 1), _cloud(2000, 2), blur=5.0, p=2)
             assert not keops_available()
-        warnings = [r.getMessage() for r in caplog.records if r.name == "geomed.ot.softmin"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "geomed._spatial"]
         assert len(warnings) == 1
         assert "exit status 1" in warnings[0] and "geomed-no-such-folder" in warnings[0]
         assert result.backend in ("dense", "online", "multiscale")
     finally:
-        softmin._KEOPS_STATUS.clear()
-        softmin._KEOPS_STATUS.update(saved)
+        _spatial.KEOPS_STATUS.clear()
+        _spatial.KEOPS_STATUS.update(saved)
 
 
 @pytest.mark.parametrize(

@@ -183,7 +183,12 @@ def _pool_coordinates(coordinates: torch.Tensor) -> torch.Tensor:
 
 
 def _pool_weights(weights: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    """The summed weights of each 2 × … × 2 block, (B, N) → (B, N_coarse)."""
+    """The summed weights of each 2 × … × 2 block, (B, N) → (B, N_coarse).
+
+    Not :func:`geomed._spatial.cell_sums`: that adds the members of a cell one after the other, this sums pairs
+    along one axis at a time ((w₀₀ + w₁₀) + (w₀₁ + w₁₁) in 2-D), a different order of float additions, and it is
+    a reshape rather than an index scatter.
+    """
     field = weights.reshape(weights.shape[0], *shape)
     for axis, length in enumerate(shape, start=1):
         if length == 1:

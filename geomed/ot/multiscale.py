@@ -57,7 +57,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .softmin import OnlineSoftmin, TiledSoftmin, TileGeometry, tile_average, tile_logits, tile_logsumexp
+from .._spatial import cell_sums, expand_ranges, index_dtype, morton_codes, tile_average, tile_logsumexp
+from .softmin import OnlineSoftmin, TiledSoftmin, TileGeometry, tile_logits
 
 logger = logging.getLogger(__name__)
 
@@ -69,46 +70,6 @@ _WIDTH_GROWTH = 1.5
 _BLOCK_COLS = 8192
 _TABLE_ENTRIES = 200_000_000
 _KEPT_TILE_BYTES = 256 * 2**20
-
-
-def morton_order(points: torch.Tensor, cell: float) -> torch.Tensor:
-    """Permutation sorting points (n, D) along the Z curve of a grid of side ``cell`` (mm), coarsened to fit."""
-    return torch.argsort(_morton_codes(points, cell)[0], stable=True)
-
-
-def _morton_codes(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, float]:
-    """Z-order codes (n,) of the grid cells of the points, and the cell side actually used (mm)."""
-    n, dim = points.shape
-    bits = 62 // dim
-    low = points.detach().amin(0)
-    extent = float((points.detach().amax(0) - low).max())
-    cell = max(cell, extent / (2**bits - 1) * (1 + 1e-6), 1e-12)
-    cells = ((points.detach() - low) / cell).floor().long().clamp_(0, 2**bits - 1)
-    code = torch.zeros(n, dtype=torch.long, device=points.device)
-    columns = [cells[:, d].contiguous() for d in range(dim)]
-    for bit in range(int(cells.max()).bit_length() if n else 0):
-        for d in range(dim):
-            code |= ((columns[d] >> bit) & 1) << (bit * dim + d)
-    return code, cell
-
-
-def _expand_ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenation of arange(s, s + c) for each (s, c), as :func:`_index_dtype` integers."""
-    total = int(counts.sum())
-    dtype = _index_dtype(max(total, int((starts + counts).max())) if len(starts) else total)
-    nonempty = counts > 0
-    starts, counts = starts[nonempty], counts[nonempty]
-    steps = torch.ones(total, dtype=dtype, device=starts.device)
-    if total:
-        previous_last = torch.cat([starts.new_zeros(1), (starts + counts - 1)[:-1]])
-        steps[torch.cumsum(counts, 0) - counts] = (starts - previous_last).to(dtype)
-    return steps.cumsum_(0)
-
-
-def _index_dtype(bound: int) -> torch.dtype:
-    """int32 for indices below ``bound`` < 2³¹ (the column indices of block-sparse tiles are most of the multiscale
-    memory: half of it in int64), else int64."""
-    return torch.int32 if bound < 2**31 else torch.long
 
 
 @dataclass
@@ -130,12 +91,11 @@ def _build_levels(points: torch.Tensor, log_weights: torch.Tensor, codes: torch.
     for shift in shifts:
         _, labels, counts = torch.unique_consecutive(codes >> shift, return_inverse=True, return_counts=True)
         size = len(counts)
-        mass = torch.zeros(size, dtype=points.dtype, device=points.device).index_add_(0, labels, weights)
-        plain = torch.zeros(size, dtype=points.dtype, device=points.device).index_add_(0, labels, torch.ones_like(weights))
+        mass = cell_sums(weights, labels, size)
+        plain = cell_sums(torch.ones_like(weights), labels, size)
         use_mass = (mass > 0).unsqueeze(-1)
-        moments = torch.zeros(size, points.shape[1], dtype=points.dtype, device=points.device)
-        weighted = moments.index_add(0, labels, points * weights.unsqueeze(-1))
-        unweighted = moments.index_add(0, labels, points)
+        weighted = cell_sums(points * weights.unsqueeze(-1), labels, size)
+        unweighted = cell_sums(points, labels, size)
         centroids = torch.where(use_mass, weighted / mass.clamp_min(1e-300).unsqueeze(-1), unweighted / plain.unsqueeze(-1))
         distance = (points - centroids[labels]).norm(dim=-1)
         radius = torch.zeros(size, dtype=points.dtype, device=points.device).scatter_reduce_(0, labels, distance, "amax")
@@ -282,7 +242,7 @@ def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_sec
     ``_TABLE_ENTRIES`` entries per band of ``first`` values (the pairs of the finest cluster level of a million
     points would take gigabytes to sort)."""
     band = max(1, _TABLE_ENTRIES // max(n_second, 1))
-    dtype = _index_dtype(max(n_first, n_second))
+    dtype = index_dtype(max(n_first, n_second))
     found_first, found_second = [], []
     for low in range(0, n_first, band):
         rows, cols = first, second
@@ -308,13 +268,13 @@ def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, ro
         group_count = torch.ones(n_rows, dtype=torch.long, device=device)
     block_of_group = group_start // _BLOCK_ROWS
     n_blocks = int(block_of_group[-1]) + 1
-    block, column = _unique_pairs(block_of_group.to(_index_dtype(n_blocks))[pairs_rows], pairs_cols, n_blocks, n_cols)
+    block, column = _unique_pairs(block_of_group.to(index_dtype(n_blocks))[pairs_rows], pairs_cols, n_blocks, n_cols)
     if col_children:
         col_start, col_count = cols.child_start[level][column], cols.child_count[level][column]
-        indices = _expand_ranges(col_start, col_count)
+        indices = expand_ranges(col_start, col_count)
     else:
         col_count = torch.ones_like(column, dtype=torch.long)
-        indices = column.to(_index_dtype(n_cols))
+        indices = column.to(index_dtype(n_cols))
     per_block = torch.zeros(n_blocks, dtype=torch.long, device=device).index_add_(0, block, col_count)
     row_start = torch.full((n_blocks,), 2**62, dtype=torch.long, device=device).scatter_reduce_(
         0, block_of_group, group_start, "amin")
@@ -362,7 +322,7 @@ class Multiscale:
         dim = x.shape[-1]
         cell = blur / math.sqrt(dim)
         both = torch.cat([x, y]).detach()
-        codes, cell = _morton_codes(both, cell)
+        codes, cell = morton_codes(both, cell)
         self.perm_x = torch.argsort(codes[: len(x)], stable=True)
         self.perm_y = torch.argsort(codes[len(x):], stable=True)
         code_x, code_y = codes[: len(x)][self.perm_x], codes[len(x):][self.perm_y]
@@ -487,7 +447,7 @@ class Multiscale:
             row_levels, col_levels = self._side(rows), self._side(cols)
             f_rows, grad_rows = extended[name]
             f_cols, grad_cols = extended["yx" if name == "xy" else name]
-            dtype = _index_dtype(max(len(row_levels.points[q]), len(col_levels.points[q])))
+            dtype = index_dtype(max(len(row_levels.points[q]), len(col_levels.points[q])))
             best = torch.full((len(col_levels.points[q]),), math.inf, dtype=f_rows.dtype, device=f_rows.device)
             found_rows, found_cols, best_rows, best_cols, best_values = [], [], [], [], []
             for row_index, valid, col_index, padding in groups[name]:

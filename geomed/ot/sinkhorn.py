@@ -43,21 +43,20 @@ Gradients (envelope theorem)
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .._spatial import keops_available, morton_order, triton_unusable
 from ..measure import Measure
 from .grid import DenseGrid, GridPyramid, SharedGrid, grid_pays_off, shared_grid
-from .multiscale import Multiscale, morton_order
+from .multiscale import Multiscale
 from .result import OTResult, ScheduleStep, _PlanItem, _Problem
-from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin, keops_available
+from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin
 
 logger = logging.getLogger(__name__)
 
@@ -155,26 +154,17 @@ def _choose_backend(backend: str, n: int, m: int, dim: int, device: torch.device
     Triton is missing, then ``online``), multiscale on CPUs (online for D > 6, where the grid clusters stop)."""
     if backend == "keops" and not keops_available():
         raise ValueError("backend='keops' was asked for, but KeOps is unavailable here (see the logged warning)")
-    if backend == "triton" and (reason := _triton_unusable(device)):
+    if backend == "triton" and (reason := triton_unusable(device)):
         raise ValueError(f"backend='triton' was asked for, but {reason}")
     if backend != "auto":
         return backend
     if n * m <= 4_000_000:
         return "dense"
     if device.type == "cuda":
-        if not _triton_unusable(device):
+        if not triton_unusable(device):
             return "triton"
         return "keops" if keops_available() else "online"
     return "multiscale" if dim <= 6 else "online"
-
-
-def _triton_unusable(device: torch.device) -> str | None:
-    """Why the ``triton`` backend cannot run on ``device``, or None if it can."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return f"it runs on CUDA tensors (or under TRITON_INTERPRET=1, Triton's CPU interpreter), got {device.type}"
-    return None
 
 
 class _SingleScale:

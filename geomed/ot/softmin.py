@@ -36,31 +36,20 @@ are not differentiated by autograd: the solver's envelope formula needs one soft
 The fused GPU kernels (``triton``, the GPU default) live in :mod:`geomed.ot.triton_softmin`; the block-sparse
 (multiscale) softmins in :mod:`geomed.ot.multiscale`, which reuse the tile code below.
 
-Why the exponential pass clamps: exponentials of arguments below about −88 underflow float32, and the vectorised
-``exp`` of PyTorch's CPU kernels takes a scalar slow path for them (measured here: 80× slower). Gaussian kernels
-underflow almost everywhere at small blurs, so each tile's logits are clamped at 80 below their row's maximum
-first: a term of relative size :math:`e^{-80} \approx 2\cdot10^{-35}` is kept instead of a smaller one, a change
-far below float64 resolution.
+Each tile is reduced by :func:`geomed._spatial.tile_logsumexp`, which clamps the logits at ``LOGIT_FLOOR`` below
+their row's maximum before the exponential pass (why: see :mod:`geomed._spatial`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import signal
-import subprocess
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-_FLUSH = -80.0
+from .._spatial import LOGIT_FLOOR, tile_average, tile_logsumexp
 
 
 class Softmin(Protocol):
@@ -123,20 +112,6 @@ class TileGeometry:
         return product(columns, self.x_augmented, self.y_augmented_t)
 
 
-def tile_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """In-place log Σ_j exp(logits_ij) of a tile (n, m) → (n,); rows of −∞ stay −∞."""
-    peak = logits.amax(-1)
-    finite = torch.isfinite(peak)
-    shift = torch.where(finite, peak, torch.zeros_like(peak))
-    total = logits.sub_(shift.unsqueeze(-1)).clamp_min_(_FLUSH).exp_().sum(-1)
-    return torch.where(finite, total.log_().add_(shift), peak)
-
-
-def tile_average(logits: torch.Tensor, lse: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """In-place Σ_j exp(logits_ij − lse_i) values_j of a tile → (n, K)."""
-    return logits.sub_(lse.unsqueeze(-1)).clamp_min_(_FLUSH).exp_() @ values
-
-
 Tile = tuple[slice, "slice | torch.Tensor"]
 
 
@@ -181,7 +156,7 @@ class TiledSoftmin(ABC):
             for rows, cols in self.tiles(b, x.shape[1], y.shape[1]):
                 distance = torch.cdist(x[b, rows], y[b, cols], compute_mode="donot_use_mm_for_euclid_dist")
                 weights = tile_logits(x[b, rows], y[b, cols], h[b, cols], eps, self.p).sub_(lse[b, rows].unsqueeze(-1))
-                weights = weights.clamp_min_(_FLUSH).exp_().div_(distance).nan_to_num_(0.0, 0.0, 0.0)
+                weights = weights.clamp_min_(LOGIT_FLOOR).exp_().div_(distance).nan_to_num_(0.0, 0.0, 0.0)
                 out[b, rows] += x[b, rows] * weights.sum(-1, keepdim=True) - weights @ y[b, cols]
         return out
 
@@ -239,49 +214,3 @@ class KeOpsSoftmin:
 
     def average(self, eps, x, y, h, softmin, values):
         return self._logits(eps, x, y, h).sumsoftmaxweight(self._lazy(values.unsqueeze(-3)), dim=x.dim() - 1)
-
-
-_KEOPS_STATUS: dict[str, bool] = {}
-
-_KEOPS_PROBE = """
-import torch
-from geomed.ot.softmin import KeOpsSoftmin
-for device in ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]:
-    x = torch.zeros(1, 2, 1, device=device)
-    assert torch.isfinite(KeOpsSoftmin(2)(1.0, x, x, torch.zeros(1, 2, device=device))).all(), device
-"""
-
-
-def keops_available() -> bool:
-    """Whether KeOps compiles and runs here, on the CPU and on the GPU if there is one.
-
-    Probed once per process, in a child process (a second or two, plus KeOps' first compilation), because a broken
-    KeOps build can kill its process outright — seen here: a segmentation fault while generating code under
-    CUDA 13 — and no ``try`` catches that. A failure is logged once, with its reason, and remembered; geomed then
-    uses its torch backends.
-    """
-    if "ok" not in _KEOPS_STATUS:
-        reason = _probe_keops()
-        _KEOPS_STATUS["ok"] = reason is None
-        if reason is not None:
-            logger.warning("KeOps is unavailable (%s); geomed uses its torch backends", reason)
-    return _KEOPS_STATUS["ok"]
-
-
-def _probe_keops() -> str | None:
-    """Run one KeOps softmin in a child process; ``None`` if it worked, else why not."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    try:
-        child = subprocess.run([sys.executable, "-c", _KEOPS_PROBE], capture_output=True, text=True, env=env,
-                               timeout=600)
-    except subprocess.TimeoutExpired:
-        return "its test reduction did not finish within 10 minutes"
-    if child.returncode == 0:
-        return None
-    if child.returncode < 0:
-        how = f"its process killed by {signal.Signals(-child.returncode).name}"
-    else:
-        how = f"exit status {child.returncode}"
-    last_line = (child.stderr.strip().splitlines() or ["no message"])[-1]
-    return f"its test reduction failed, {how}: {last_line}"

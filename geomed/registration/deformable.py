@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._spatial import cell_means, cell_sums, grid_cells
 from ..measure import Measure
 from ..mesh import Mesh
-from .linear import _cells, _pool_points, _pooled, budgeted_cells
+from .linear import _pooled, budgeted_cells
 from .transforms import KernelDeformation, Transform
 
 
@@ -51,11 +52,11 @@ class WarpedShape:
         self._members, self._count, cell = budgeted_cells(points, cell)
         own = self._measure(self.points)
         weights = moved.weights.detach()
-        self._masses = torch.zeros(self._count, dtype=weights.dtype).index_add(0, self._members, weights)
-        self._centroids = _pool_points(own.points.detach().double(), own.weights.detach().double(), self._members,
-                                       self._count)
+        self._masses = cell_sums(weights, self._members, self._count)
+        self._centroids = cell_means(own.points.detach().double(), own.weights.detach().double(), self._members,
+                                     self._count)
         self._normals = None if moved.normals is None else _unit(
-            _pool_points(moved.normals.detach(), weights, self._members, self._count))
+            cell_means(moved.normals.detach(), weights, self._members, self._count))
         return cell
 
     def __call__(self, transform: Transform) -> Measure:
@@ -65,9 +66,9 @@ class WarpedShape:
             return Measure(points, self._masses, self._normals)
         moved = self._measure(transform.forward(self.points.double()).to(self.dtype))
         weights = moved.weights
-        pooled_weights = torch.zeros(self._count, dtype=weights.dtype).index_add(0, self._members, weights)
-        points = _pool_points(moved.points, weights, self._members, self._count)
-        return Measure(points, pooled_weights, _unit(_pool_points(moved.normals, weights, self._members, self._count)))
+        pooled_weights = cell_sums(weights, self._members, self._count)
+        points = cell_means(moved.points, weights, self._members, self._count)
+        return Measure(points, pooled_weights, _unit(cell_means(moved.normals, weights, self._members, self._count)))
 
     def _measure(self, points: torch.Tensor) -> Measure:
         if self.mesh is not None:
@@ -114,5 +115,5 @@ def fit_deformation(moving: WarpedShape, fixed: Measure, *, initial: Transform, 
 
 def _control_points(points: torch.Tensor, cell: float) -> torch.Tensor:
     """The mean of the points in each cubic cell of side ``cell`` (mm)."""
-    members, count = _cells(points, cell)
-    return _pool_points(points, torch.ones(len(points), dtype=points.dtype), members, count)
+    members, count = grid_cells(points, cell)
+    return cell_means(points, torch.ones(len(points), dtype=points.dtype), members, count)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..ot.softmin import keops_available
+from .._spatial import keops_available
 
 BACKENDS = ("auto", "dense", "tiles", "keops")
 _TILE_ENTRIES = 2**22

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from .._spatial import cell_means, cell_sums, grid_cells
 from ..measure import Measure
 from ..ot import sinkhorn_divergence
 from .transforms import AffineTransform
@@ -222,37 +223,19 @@ def _pooled(measure: Measure, cell: float, values: torch.Tensor | None = None) -
     normals if it has normals; and the weighted mean per cell of ``values`` (N,) (default: ones)."""
     points, weights = measure.points.detach().double(), measure.weights.detach().double()
     members, count, _ = budgeted_cells(points, cell)
-    pooled_weights = torch.zeros(count, dtype=weights.dtype, device=weights.device).index_add_(0, members, weights)
+    pooled_weights = cell_sums(weights, members, count)
     normals = None if measure.normals is None else _unit(
-        _pool_points(measure.normals.detach().double(), weights, members, count))
+        cell_means(measure.normals.detach().double(), weights, members, count))
     values = torch.ones_like(weights) if values is None else values.double()
-    return (Measure(_pool_points(points, weights, members, count), pooled_weights, normals),
-            _pool_points(values[:, None], weights, members, count)[:, 0])
+    return (Measure(cell_means(points, weights, members, count), pooled_weights, normals),
+            cell_means(values[:, None], weights, members, count)[:, 0])
 
 
 def budgeted_cells(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, int, float]:
     """Cells of side ``cell`` (mm), widened by 1.5× until at most ``_POINT_BUDGET`` remain: each point's cell, the
     number of cells and the side used."""
-    members, count = _cells(points, cell)
+    members, count = grid_cells(points, cell)
     while count > _POINT_BUDGET:
         cell *= 1.5
-        members, count = _cells(points, cell)
+        members, count = grid_cells(points, cell)
     return members, count, cell
-
-
-def _cells(points: torch.Tensor, cell: float) -> tuple[torch.Tensor, int]:
-    """Each point's cubic cell of side ``cell`` (mm), numbered from 0, and the number of cells."""
-    keys = torch.floor((points - points.amin(0)) / cell).long()
-    flat = torch.zeros_like(keys[:, 0])
-    for axis in range(keys.shape[1]):  # one integer per cell: a 1-D unique (a sort) instead of a row-wise one
-        flat = flat * (int(keys[:, axis].max()) + 1) + keys[:, axis]
-    _, members = torch.unique(flat, return_inverse=True)
-    return members, int(members.max()) + 1
-
-
-def _pool_points(points: torch.Tensor, weights: torch.Tensor, members: torch.Tensor, count: int) -> torch.Tensor:
-    """Weighted mean of the points of each cell (differentiable w.r.t. the points)."""
-    sums = torch.zeros(count, points.shape[1], dtype=points.dtype, device=points.device)
-    sums = sums.index_add(0, members, points * weights[:, None])
-    mass = torch.zeros(count, dtype=points.dtype, device=points.device).index_add_(0, members, weights)
-    return sums / mass.clamp_min(torch.finfo(points.dtype).tiny)[:, None]
