@@ -66,7 +66,9 @@ import torch
 
 from ..measure import Measure
 from .grid import GridSoftmin
-from .sinkhorn import _check_arguments, _epsilon_schedule, sinkhorn_divergence
+from .problem import check_arguments
+from .schedule import EpsilonSchedule
+from .sinkhorn import sinkhorn_divergence
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ def sinkhorn_barycenter(
         surfaces, mm³ for volumes), in the dtype shared by the inputs, on their device; ``history`` of objective
         values (mm²); ``converged``.
     """
-    _check_arguments(blur, 2, scaling, backend, sinkhorn_tol, 0, None)
+    check_arguments(blur, 2, scaling, backend, sinkhorn_tol, 0, None)
     _check_iteration(max_iter, tol)
     measures = _check_measures(measures)
     dtype = measures[0].dtype
@@ -329,7 +331,7 @@ def grid_sinkhorn_barycenter(
         voxel occupancies give a template of the mean volume, in voxels), in the input dtype (float32 for half
         inputs, in which the loop also runs), on the input device. Not differentiable.
     """
-    _check_arguments(blur, 2, scaling, "grid", tol, 0, None)
+    check_arguments(blur, 2, scaling, "grid", tol, 0, None)
     _check_iteration(max_iter, tol)
     densities = _check_densities(densities)
     shape = tuple(densities.shape[1:])
@@ -343,7 +345,7 @@ def grid_sinkhorn_barycenter(
     log_a = (flat / masses.unsqueeze(-1)).log()
     softmin = GridSoftmin(shape, spacing)
     diameter = math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing)))
-    epsilons = _epsilon_schedule(max(diameter, blur), blur, 2, scaling)
+    epsilons = EpsilonSchedule(max(diameter, blur), blur, 2, scaling).epsilons
     with torch.no_grad():
         log_b = _bregman_barycenter(softmin, log_a, lam, epsilons, debias, max_iter, tol)
     barycenter = torch.softmax(log_b, -1) * (lam * masses).sum()

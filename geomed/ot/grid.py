@@ -39,7 +39,9 @@ import torch
 
 from .._validation import dense_grid_pair
 from ..measure import Measure
+from .problem import Reach, check_arguments
 from .result import OTResult
+from .schedule import level_for
 
 _TILE_ENTRIES = 2**24
 _GPU_TILE_ENTRIES = 2**27
@@ -147,8 +149,7 @@ class GridPyramid:
 
     def advance(self, eps: float, potentials: list, final: bool) -> list:
         """Move to the level suited to ``eps`` (the input grid if ``final``), extrapolating the potentials."""
-        blur = math.sqrt(eps)
-        target = 0 if final else max(k for k, cell in enumerate(self.cells) if cell <= blur)
+        target = 0 if final else level_for(eps, GridSoftmin.p, self.cells)
         while self.level > target:
             potentials = self._jump(eps, potentials)
         return potentials
@@ -406,7 +407,7 @@ def grid_sinkhorn_divergence(
     blur: float,
     spacing: Sequence[float] | None = None,
     p: int = 2,
-    reach: float | None | tuple[float | None, float | None] = None,
+    reach: Reach = None,
     scaling: float = 0.7,
     debias: bool = True,
     tol: float | None = 1e-2,
@@ -434,9 +435,9 @@ def grid_sinkhorn_divergence(
         ``value`` (B, C); potentials (B, C, N) over the N voxels in C order (``.view(B, C, *spatial)``); the plan
         operators take values (B, C, N[, K]).
     """
-    from .sinkhorn import _check_arguments, _solve_tensors
+    from .sinkhorn import _solve_tensors
 
-    _check_arguments(blur, p, scaling, "grid", tol, max_iter, diameter)
+    check_arguments(blur, p, scaling, "grid", tol, max_iter, diameter)
     if p != 2:
         raise ValueError(f"p must be 2 on a grid (|x−y|^p does not factorise over the axes for p={p})")
     spacing = dense_grid_pair(a, b, spacing)

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from .._spatial import cell_sums, expand_ranges, index_dtype, morton_codes, tile_average, tile_logsumexp
+from .schedule import level_for
 from .softmin import OnlineSoftmin, TiledSoftmin, TileGeometry, tile_logits
 
 logger = logging.getLogger(__name__)
@@ -386,10 +387,7 @@ class Multiscale:
         return potentials
 
     def _target(self, eps: float, final: bool) -> int:
-        if final:
-            return 0
-        blur = eps ** (1 / self.p)
-        return max([k for k, side in enumerate(self.cells) if side <= blur], default=0)
+        return 0 if final else level_for(eps, self.p, self.cells)
 
     # ------------------------------------------------------------------------------------------- jumps
     def _names(self):

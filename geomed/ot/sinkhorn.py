@@ -55,13 +55,12 @@ from .._spatial import keops_available, morton_order, triton_unusable
 from ..measure import Measure
 from .grid import DenseGrid, GridPyramid, SharedGrid, grid_pays_off, shared_grid
 from .multiscale import Multiscale
+from .problem import Reach, check_arguments, damping, reaches
 from .result import OTResult, ScheduleStep, _PlanItem, _Problem
+from .schedule import EpsilonSchedule
 from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin
 
 logger = logging.getLogger(__name__)
-
-_Reach = float | None | tuple[float | None, float | None]
-
 
 class _EnvelopeSoftmin(torch.autograd.Function):
     """softmin(x; y, h) differentiable w.r.t. x only: ∂s_i/∂x_i = Σ_j w_ij ∇_x C(x_i, y_j) (x_i − A_i(y) for p = 2)."""
@@ -90,46 +89,6 @@ def _differentiable_softmin(softmin: Softmin, eps: float, x: torch.Tensor, y: to
     if softmin.p == 2 or not isinstance(softmin, KeOpsSoftmin):
         return _EnvelopeSoftmin.apply(x, y, h, eps, softmin)
     return softmin(eps, x, y, h)
-
-
-def _reaches(reach: _Reach, p: int) -> tuple[float | None, float | None]:
-    pair = reach if isinstance(reach, tuple) else (reach, reach)
-    if len(pair) != 2:
-        raise ValueError(f"reach must be None, a positive number (mm) or a pair of them, got {reach!r}")
-    for value in pair:
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"reach must be None, a positive number (mm) or a pair of them, got {reach!r}")
-    return tuple(None if value is None else float(value) ** p for value in pair)  # type: ignore[return-value]
-
-
-def _damping(eps: float, rho: float | None) -> float:
-    return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
-
-
-BACKENDS = ("auto", "dense", "online", "keops", "triton", "multiscale", "grid")
-
-
-def _check_arguments(blur, p, scaling, backend, tol, max_iter, diameter) -> None:
-    if not (isinstance(blur, (int, float)) and math.isfinite(blur) and blur > 0):
-        raise ValueError(f"blur must be a positive number of mm, got {blur!r}")
-    if p not in (1, 2):
-        raise ValueError(f"p must be 1 or 2, got {p!r}")
-    if not (isinstance(scaling, (int, float)) and 0 < scaling < 1):
-        raise ValueError(f"scaling must be in (0, 1), got {scaling!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be None or a positive number, got {tol!r}")
-    if not (isinstance(max_iter, int) and max_iter >= 0):
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
-    if diameter is not None and not (isinstance(diameter, (int, float)) and math.isfinite(diameter) and diameter > 0):
-        raise ValueError(f"diameter must be None or a positive number of mm, got {diameter!r}")
-
-
-def _epsilon_schedule(diameter: float, blur: float, p: int, scaling: float) -> list[float]:
-    """ε from diameter^p down to blur^p by factors scaling^p; the last entry is exactly blur^p."""
-    steps = max(0, math.ceil(math.log(diameter / blur) / -math.log(scaling))) if diameter > blur else 0
-    return [max(diameter * scaling**k, blur) ** p for k in range(steps)] + [blur**p]
 
 
 def _batched(measure: Measure, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +167,7 @@ def sinkhorn_divergence(
     *,
     blur: float,
     p: int = 2,
-    reach: _Reach = None,
+    reach: Reach = None,
     scaling: float = 0.7,
     debias: bool = True,
     backend: str = "auto",
@@ -264,7 +223,7 @@ def sinkhorn_divergence(
     the solver runs in float32. The ground cost is translation invariant, so both measures are centred on their
     common mean first: millimetre coordinates of a whole body lose no precision in float32.
     """
-    _check_arguments(blur, p, scaling, backend, tol, max_iter, diameter)
+    check_arguments(blur, p, scaling, backend, tol, max_iter, diameter)
     if isinstance(a, Measure) and isinstance(b, Measure):
         return _solve(a, b, blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend=backend, tol=tol,
                       max_iter=max_iter, diameter=diameter)
@@ -307,7 +266,7 @@ def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | DenseGrid | None, ba
                    p, reach, scaling, debias, backend, tol, max_iter, diameter) -> OTResult:
     """The solve on batched tensors x (B, N, D), α (B, N), y (B, M, D), β (B, M); ``grid``: the shared voxel grid
     of two masks, or the grid of dense weights (then x = y are its voxel centres)."""
-    rho_a, rho_b = _reaches(reach, p)
+    rho_a, rho_b = reaches(reach, p)
     dtype = torch.promote_types(x.dtype, y.dtype)
     x, alpha, y, beta = x.to(dtype), alpha.to(dtype), y.to(dtype), beta.to(dtype)
     if rho_a is None and rho_b is None:
@@ -326,12 +285,12 @@ def _solve_tensors(x, alpha, y, beta, *, grid: SharedGrid | DenseGrid | None, ba
         name = "grid" if grid is not None else _choose_backend(backend, x.shape[1], y.shape[1], x.shape[-1], x.device)
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
         options = dict(blur=blur, p=p, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
-                       max_iter=max_iter, epsilons=_epsilon_schedule(diameter, blur, p, scaling))
+                       max_iter=max_iter, epsilons=EpsilonSchedule(diameter, blur, p, scaling).epsilons)
         if grid is not None:
-            def damping(eps, side):
-                return _damping(eps, rho_a if side == "x" else rho_b)
+            def side_damping(eps, side):
+                return damping(eps, rho_a if side == "x" else rho_b)
 
-            pyramid = GridPyramid(x, y, alpha.detach(), beta.detach(), grid.shape, grid.spacing, damping)
+            pyramid = GridPyramid(x, y, alpha.detach(), beta.detach(), grid.shape, grid.spacing, side_damping)
             item = _solve_item(pyramid, x, y, alpha, beta, **options)
             items = [grid.restrict(item) if isinstance(grid, SharedGrid) else item]
         elif name == "multiscale":
@@ -374,11 +333,11 @@ def _single_scale_softmin(name: str, p: int, device: torch.device) -> Softmin:
 
 
 def _multiscale(x, y, alpha, beta, blur, p, rho_a, rho_b, debias) -> Multiscale:
-    def damping(eps, side):
-        return _damping(eps, rho_a if side == "x" else rho_b)
+    def side_damping(eps, side):
+        return damping(eps, rho_a if side == "x" else rho_b)
 
     return Multiscale(x.detach(), y.detach(), alpha.detach().log(), beta.detach().log(), p=p, blur=blur,
-                      damping=damping, debias=debias)
+                      damping=side_damping, debias=debias)
 
 
 def _solve_item(geometry, x, y, alpha, beta, *, blur, p, rho_a, rho_b, debias, identical, tol, max_iter, epsilons):
@@ -451,16 +410,16 @@ def _sinkhorn_loop(geometry, epsilons, rho_a, rho_b, debias, tol, max_iter):
 
     def cross_f(eps, g):
         s = state
-        return _damping(eps, rho_a) * s["softmins"]["xy"](eps, s["x"], s["y"], s["log_b"] + g / eps)
+        return damping(eps, rho_a) * s["softmins"]["xy"](eps, s["x"], s["y"], s["log_b"] + g / eps)
 
     def cross_g(eps, f):
         s = state
-        return _damping(eps, rho_b) * s["softmins"]["yx"](eps, s["y"], s["x"], s["log_a"] + f / eps)
+        return damping(eps, rho_b) * s["softmins"]["yx"](eps, s["y"], s["x"], s["log_a"] + f / eps)
 
     def symmetric(eps, f_aa, g_bb):
         s = state
-        return (_damping(eps, rho_a) * s["softmins"]["xx"](eps, s["x"], s["x"], s["log_a"] + f_aa / eps),
-                _damping(eps, rho_b) * s["softmins"]["yy"](eps, s["y"], s["y"], s["log_b"] + g_bb / eps))
+        return (damping(eps, rho_a) * s["softmins"]["xx"](eps, s["x"], s["x"], s["log_a"] + f_aa / eps),
+                damping(eps, rho_b) * s["softmins"]["yy"](eps, s["y"], s["y"], s["log_b"] + g_bb / eps))
 
     def step_record(phase, eps, iterations, start):
         schedule.append(ScheduleStep(phase, eps, iterations, time.perf_counter() - start, geometry.scale,
@@ -553,7 +512,7 @@ def _divergence(softmins, x, y, alpha, beta, potentials, eps, rho_a, rho_b, debi
     if not extrapolated or x.requires_grad or y.requires_grad:
         f, g, f_aa, g_bb = potentials
         log_a, log_b = alpha.detach().log(), beta.detach().log()
-        damp_a, damp_b = _damping(eps, rho_a), _damping(eps, rho_b)
+        damp_a, damp_b = damping(eps, rho_a), damping(eps, rho_b)
         updated = [damp_a * _differentiable_softmin(softmins["xy"], eps, x, y.detach(), log_b + g / eps),
                    damp_b * _differentiable_softmin(softmins["yx"], eps, y, x.detach(), log_a + f / eps), None, None]
         if debias:
@@ -583,11 +542,11 @@ class SinkhornLoss(nn.Module):
     values stacked, shape (len(a),).
     """
 
-    def __init__(self, *, blur: float, p: int = 2, reach: _Reach = None, scaling: float = 0.7, debias: bool = True,
+    def __init__(self, *, blur: float, p: int = 2, reach: Reach = None, scaling: float = 0.7, debias: bool = True,
                  backend: str = "auto", tol: float | None = 1e-2, max_iter: int = 500,
                  diameter: float | None = None):
         super().__init__()
-        _check_arguments(blur, p, scaling, backend, tol, max_iter, diameter)
+        check_arguments(blur, p, scaling, backend, tol, max_iter, diameter)
         self.options = dict(blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend=backend, tol=tol,
                             max_iter=max_iter, diameter=diameter)
 
