@@ -449,11 +449,11 @@ def test_an_unconverged_solve_says_so_in_the_log(caplog):
     generator = torch.Generator().manual_seed(0)
     a = Measure.from_points(torch.randn(60, 3, generator=generator, dtype=torch.float64))
     b = Measure.from_points(torch.randn(50, 3, generator=generator, dtype=torch.float64) * 3 + 4)
-    with caplog.at_level(logging.WARNING, logger="geomed.ot.sinkhorn"):
+    with caplog.at_level(logging.WARNING, logger="geomed.ot.solver"):
         result = sinkhorn_divergence(a, b, blur=0.1, tol=1e-9, max_iter=2)
     assert not result.converged
     assert "Sinkhorn did not converge" in caplog.text and "raise max_iter" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="geomed.ot.sinkhorn"):
+    with caplog.at_level(logging.WARNING, logger="geomed.ot.solver"):
         assert sinkhorn_divergence(a, b, blur=1.0, tol=1e-3, max_iter=5000).converged
     assert "did not converge" not in caplog.text

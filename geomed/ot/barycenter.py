@@ -18,7 +18,7 @@ Sinkhorn barycenters", ICML 2020).
 
 Free support (:func:`sinkhorn_barycenter`)
     β = Σ_j b_j δ(y_j) with fixed weights b (those of the initial support) and free points y_j (mm). By the envelope
-    theorem (see :mod:`geomed.ot.sinkhorn`), with :math:`T_{\beta\to\alpha}(y_j) = \sum_i \pi_{ji} x_i / b_j` the
+    theorem (see :mod:`geomed.ot.divergence`), with :math:`T_{\beta\to\alpha}(y_j) = \sum_i \pi_{ji} x_i / b_j` the
     barycentric map of the optimal entropic plan,
 
     .. math:: \frac{1}{b_j}\,\nabla_{y_j}\mathrm{OT}_\varepsilon(\beta, \alpha) = y_j - T_{\beta\to\alpha}(y_j),

@@ -17,7 +17,7 @@ exponentials per voxel instead of one per kernel entry, and BLAS does the rest. 
 :math:`|x - y|` of ``p = 1`` does not factorise: grids need ``p = 2``.
 
 :class:`GridSoftmin` implements the softmin protocol of :mod:`geomed.ot.softmin` on the flattened grid (the
-coordinates passed in are not read: the grid is), so the ε-scaling loop of :mod:`geomed.ot.sinkhorn` runs
+coordinates passed in are not read: the grid is), so the ε-scaling loop of :mod:`geomed.ot.solver` runs
 unchanged and its envelope-theorem gradients hold: w.r.t. the weights (a soft segmentation's probabilities), and
 w.r.t. the voxel positions through one soft average, computed as two more separable reductions (values split into
 their positive and negative parts, each carried in the log domain).
@@ -40,7 +40,7 @@ import torch
 from .._validation import dense_grid_pair
 from ..measure import Measure
 from .problem import Reach, check_arguments
-from .result import OTResult
+from .result import OTResult, SolvedItem
 from .schedule import level_for
 
 _TILE_ENTRIES = 2**24
@@ -107,8 +107,8 @@ class GridSoftmin:
 
 
 class GridPyramid:
-    """Coarse-to-fine levels of two measures on one grid, driven by the ε-scaling loop (the grid's
-    :class:`~geomed.ot.multiscale.Multiscale`).
+    """Coarse-to-fine levels of two measures on one grid, driven by the ε-scaling loop (a
+    :class:`~geomed.ot.geometry.Geometry`: the grid's :class:`~geomed.ot.multiscale.Multiscale`).
 
     Level k + 1 merges pairs of voxels of level k along every axis longer than one voxel (any size: an odd axis
     ends on a single voxel), summing the weights; the coarse voxels sit at the mean of their members' coordinates,
@@ -333,17 +333,15 @@ class SharedGrid:
             embedded += [points.unsqueeze(0), weights.unsqueeze(0)]
         return tuple(embedded)
 
-    def restrict(self, item: tuple) -> tuple:
-        """A solved item of the loop (value, f, g, f_aa, g_bb, error, converged, schedule, plan) with potentials
-        and plan on the measures' own points instead of the whole crop."""
-        value, f, g, f_aa, g_bb, error, converged, schedule, plan = item
+    def restrict(self, item: SolvedItem) -> SolvedItem:
+        """A solved item with potentials and plan on the measures' own points instead of the whole crop."""
 
         def pick(potential, support):
             return None if potential is None else potential.index_select(1, support)
 
-        plan = replace(plan, support_x=self.support_a, support_y=self.support_b)
-        return (value, pick(f, self.support_a), pick(g, self.support_b), pick(f_aa, self.support_a),
-                pick(g_bb, self.support_b), error, converged, schedule, plan)
+        plan = replace(item.plan, support_x=self.support_a, support_y=self.support_b)
+        return replace(item, f=pick(item.f, self.support_a), g=pick(item.g, self.support_b),
+                       f_aa=pick(item.f_aa, self.support_a), g_bb=pick(item.g_bb, self.support_b), plan=plan)
 
 
 def shared_grid(a: Measure, b: Measure, p: int) -> tuple[SharedGrid | None, str]:
@@ -435,7 +433,7 @@ def grid_sinkhorn_divergence(
         ``value`` (B, C); potentials (B, C, N) over the N voxels in C order (``.view(B, C, *spatial)``); the plan
         operators take values (B, C, N[, K]).
     """
-    from .sinkhorn import _solve_tensors
+    from .solve import solve_tensors
 
     check_arguments(blur, p, scaling, "grid", tol, max_iter, diameter)
     if p != 2:
@@ -462,6 +460,6 @@ def grid_sinkhorn_divergence(
     if diameter is None:
         diameter = max(math.hypot(*[(n - 1) * s for n, s in zip(shape, spacing)]), blur)
     points = centres.expand(len(flat[0]), -1, -1)
-    return _solve_tensors(points, flat[0], points, flat[1], grid=DenseGrid(shape, spacing), batch_shape=batch_shape,
-                          blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend="grid", tol=tol,
-                          max_iter=max_iter, diameter=diameter)
+    return solve_tensors(points, flat[0], points, flat[1], grid=DenseGrid(shape, spacing), batch_shape=batch_shape,
+                         blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend="grid", tol=tol,
+                         max_iter=max_iter, diameter=diameter)

@@ -6,7 +6,7 @@ the number of points by at least 3 ("as many scales as pay off"), up to a coarse
 sorted in Morton (Z) order of the finest grid, so that every cluster of every level is a contiguous range of the
 level below, and neighbouring clusters are close in memory. Any dimension D ≤ 6 works (points with normals).
 
-The ε-scaling loop of :mod:`geomed.ot.sinkhorn` runs on the coarsest level whose cell side is below the
+The ε-scaling loop of :mod:`geomed.ot.solver` runs on the coarsest level whose cell side is below the
 current blur, then moves to the next finer level, which is always the input at the final blur:
 
 Extrapolation
@@ -301,7 +301,8 @@ class _Pattern:
 
 
 class Multiscale:
-    """The coarse-to-fine geometry of one pair of measures (one batch item), driven by the Sinkhorn loop.
+    """The coarse-to-fine geometry of one pair of measures (one batch item), driven by the Sinkhorn loop (a
+    :class:`~geomed.ot.geometry.Geometry`).
 
     Parameters
     ----------

@@ -79,6 +79,54 @@ class _PlanItem:
 
 
 @dataclass(frozen=True)
+class Solution:
+    """The detached potentials that the Sinkhorn loop found, and how it went.
+
+    Attributes
+    ----------
+    f, g : Tensor (B, N), (B, M)
+        Potentials of the cross problem (cost units, mm^p), on the geometry's level-0 points in its order.
+    f_aa, g_bb : Tensor (B, N), (B, M), or None
+        Potentials of the symmetric problems; None when they were not solved.
+    error : float
+        The last relative L1 marginal error.
+    converged : bool
+        Whether ``error`` reached ``tol``.
+    schedule : list of ScheduleStep
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    f_aa: torch.Tensor | None
+    g_bb: torch.Tensor | None
+    error: float
+    converged: bool
+    schedule: list[ScheduleStep]
+
+    @property
+    def potentials(self) -> list[torch.Tensor | None]:
+        """[f, g, f_aa, g_bb]."""
+        return [self.f, self.g, self.f_aa, self.g_bb]
+
+
+@dataclass(frozen=True)
+class SolvedItem(Solution):
+    """One solved geometry (a whole batch, or one multiscale item): its solution with the potentials in input order
+    (B, ·), the value and the plan.
+
+    Attributes
+    ----------
+    value : Tensor (B,)
+        The divergence, differentiable w.r.t. the inputs.
+    plan : _PlanItem
+        The plan operator of the item, in the solver's frame.
+    """
+
+    value: torch.Tensor
+    plan: _PlanItem
+
+
+@dataclass(frozen=True)
 class _Problem:
     """The solved problem: one plan item for a whole batch, or one per item (multiscale); centred on ``center``."""
 

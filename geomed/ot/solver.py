@@ -1,0 +1,142 @@
+r"""The ε-scaling, symmetric, log-domain Sinkhorn loop, written once against the :class:`~geomed.ot.geometry.Geometry`
+protocol.
+
+The optimality conditions of the entropic problem (:mod:`geomed.ot.sinkhorn`) are the Sinkhorn equations
+:math:`f = \lambda\,\mathrm{softmin}_\varepsilon(x, y, \log\beta + g/\varepsilon)` (and symmetrically for g), with
+damping :math:`\lambda = 1/(1 + \varepsilon/\rho)` (1 when balanced). The loop below solves them for the cross
+problem (α, β) and, to debias, for the symmetric problems (α, α) and (β, β) — all four updated together, averaging
+old and new potentials (the symmetric iteration, which converges without oscillating), while ε decreases
+geometrically from ``diameter**p`` to ``blur**p`` by factors ``scaling**p`` (ε-scaling: each coarse solution
+warm-starts the next; :mod:`geomed.ot.schedule`). At the final ε the loop continues, with over-relaxed updates,
+until the marginal error is below ``tol``: GeomLoss stops after the schedule, which biases small-blur values by
+5–15%.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from .geometry import Geometry
+from .problem import Problem, damping
+from .result import ScheduleStep, Solution
+
+logger = logging.getLogger(__name__)
+
+_OVERRELAXATION = 1.8
+
+
+def _relative_change(weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> float:
+    """Σ_i w_i |exp((old_i − new_i)/ε) − 1| / m(w): the marginal error of the plan built with the old potential."""
+    error = (weights * torch.expm1((old - new) / eps).abs()).sum(-1) / weights.sum(-1)
+    return float(error.max())
+
+
+def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
+    """ε-scaling Sinkhorn on detached tensors, for the cross problem and (if ``problem.symmetric``) the symmetric ones.
+
+    ``geometry`` provides the working point sets and their softmins, and may change them before an ε step
+    (multiscale: jump to a finer level, extrapolating the potentials, and tighten the truncation). During the
+    ε-scaling, one symmetric (averaged) update of all potentials per ε, on the level suited to ε; then the
+    potentials are extrapolated to the input points (one softmin each — GeomLoss's "last extrapolation"; with
+    ``tol=None, max_iter=0`` the solve stops there, and a coarse final level costs no full-resolution update).
+    If the extrapolation moved to a finer level, at least one iteration follows when ``tol`` is set. At the final
+    ε, the cross problem continues
+    with over-relaxed alternating updates ``f ← f + ω (λ softmin(g) − f)``, ω = 1.8 (several times fewer iterations
+    than plain Sinkhorn at small blurs; ω falls back to 1 should the error grow tenfold over its best), and the
+    symmetric problems with averaged updates, until the marginal error is below ``tol``.
+    """
+    epsilons, rho_a, rho_b = problem.schedule.epsilons, problem.rho_a, problem.rho_b
+    debias, tol, max_iter = problem.symmetric, problem.tol, problem.max_iter
+    state = {}
+
+    def refresh():
+        x, y, log_a, log_b = geometry.measures()
+        state.update(x=x.detach(), y=y.detach(), log_a=log_a, log_b=log_b, softmins=geometry.softmins)
+
+    def weights(side):
+        """The working level's weights of ``a`` or ``b``, exponentiated when an error first needs them."""
+        if side not in state:
+            state[side] = state["log_" + side].exp()
+        return state[side]
+
+    def cross_f(eps, g):
+        s = state
+        return damping(eps, rho_a) * s["softmins"]["xy"](eps, s["x"], s["y"], s["log_b"] + g / eps)
+
+    def cross_g(eps, f):
+        s = state
+        return damping(eps, rho_b) * s["softmins"]["yx"](eps, s["y"], s["x"], s["log_a"] + f / eps)
+
+    def symmetric(eps, f_aa, g_bb):
+        s = state
+        return (damping(eps, rho_a) * s["softmins"]["xx"](eps, s["x"], s["x"], s["log_a"] + f_aa / eps),
+                damping(eps, rho_b) * s["softmins"]["yy"](eps, s["y"], s["y"], s["log_b"] + g_bb / eps))
+
+    def step_record(phase, eps, iterations, start):
+        schedule.append(ScheduleStep(phase, eps, iterations, time.perf_counter() - start, geometry.scale,
+                                     geometry.kept))
+
+    schedule: list[ScheduleStep] = []
+    start = time.perf_counter()
+    eps = epsilons[0]
+    refresh()
+    zeros_a, zeros_b = torch.zeros_like(state["log_a"]), torch.zeros_like(state["log_b"])
+    f, g = cross_f(eps, zeros_b), cross_g(eps, zeros_a)
+    f_aa, g_bb = symmetric(eps, zeros_a, zeros_b) if debias else (None, None)
+    step_record("initialisation", eps, 1, start)
+
+    def symmetric_step(eps):
+        nonlocal f_aa, g_bb
+        new_aa, new_bb = symmetric(eps, f_aa, g_bb)
+        error = max(_relative_change(weights("a"), f_aa, new_aa, eps),
+                    _relative_change(weights("b"), g_bb, new_bb, eps))
+        f_aa, g_bb = 0.5 * (f_aa + new_aa), 0.5 * (g_bb + new_bb)
+        return error
+
+    def advance(eps, final):
+        nonlocal f, g, f_aa, g_bb
+        level = geometry.level
+        state.clear()  # the working softmins may be replaced: let the old ones go while the new ones are built
+        f, g, f_aa, g_bb = geometry.advance(eps, [f, g, f_aa, g_bb], final)
+        refresh()
+        return geometry.level != level
+
+    error = math.inf
+    for eps in epsilons:
+        start = time.perf_counter()
+        jumped = advance(eps, final=False)
+        new_f, new_g = cross_f(eps, g), cross_g(eps, f)
+        error = max(_relative_change(weights("a"), f, new_f, eps), _relative_change(weights("b"), g, new_g, eps))
+        f, g = 0.5 * (f + new_f), 0.5 * (g + new_g)
+        if debias:
+            error = max(error, symmetric_step(eps))
+        step_record("scale-jump" if jumped else "eps-scaling", eps, 1, start)
+
+    eps, omega, best = epsilons[-1], _OVERRELAXATION, math.inf
+    start, iterations = time.perf_counter(), 0
+    extrapolated = advance(eps, final=True)
+    converged = tol is not None and error < tol and not extrapolated
+    cross_error = symmetric_error = error
+    while not converged and iterations < max_iter:
+        new_f = cross_f(eps, g)
+        cross_error = _relative_change(weights("a"), f, new_f, eps)
+        f = f + omega * (new_f - f)
+        g = g + omega * (cross_g(eps, f) - g)
+        if debias and (tol is None or symmetric_error >= tol):
+            symmetric_error = symmetric_step(eps)
+        error = max(cross_error, symmetric_error if debias else 0.0)
+        best = min(best, cross_error)
+        if cross_error > 10 * best:
+            omega = 1.0
+        iterations += 1
+        converged = tol is not None and error < tol
+    step_record("final-blur", eps, iterations, start)
+    if tol is not None and not converged:
+        logger.warning("Sinkhorn did not converge: marginal error %.2g > tol=%g after max_iter=%d iterations at the "
+                       "final ε = %.3g mm^p; the value may be off by more than 0.1%%: raise max_iter, or the blur if it "
+                       "is below the point spacing", error, tol, max_iter, eps)
+    return Solution(f, g, f_aa, g_bb, error, converged, schedule)
