@@ -49,7 +49,7 @@ def test_blocked_axis_reduction_is_an_exact_log_sum_exp(blur, axis):
     """The per-axis reduction (blocks of rows, one matrix product each) equals torch.logsumexp over all pairs, from
     blurs far below a voxel (one row per block) to blurs above the extent (one block), with empty lines, −∞ entries,
     potentials varying by hundreds along a line, and output rows on another grid (the pyramid's extrapolation)."""
-    from geomed.ot.grid import _axis_logsumexp, _AxisKernel
+    from geomed.ot.grid import AxisKernel, axis_logsumexp
 
     generator = torch.Generator().manual_seed(axis)
     field = torch.randn(3, 21, 17, 19, generator=generator, dtype=torch.float64) * 40 - torch.arange(19) * 9.0
@@ -62,7 +62,7 @@ def test_blocked_axis_reduction_is_an_exact_log_sum_exp(blur, axis):
     eps = blur**2
     moved = field.movedim(axis, -1)
     expected = (moved.unsqueeze(-2) - (rows[:, None] - cols).square() / (2 * eps)).logsumexp(-1).movedim(-1, axis)
-    computed = _axis_logsumexp(field, axis, _AxisKernel.build(rows, cols, eps, field.device))
+    computed = axis_logsumexp(field, axis, AxisKernel.build(rows, cols, eps, field.device))
     assert torch.equal(torch.isinf(computed), torch.isinf(expected))
     finite = torch.isfinite(expected)
     torch.testing.assert_close(computed[finite], expected[finite], rtol=1e-13, atol=1e-9)

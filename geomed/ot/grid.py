@@ -12,7 +12,7 @@ therefore factorises over the axes,
 and a softmin over the N voxels of an I × J × K grid costs N (I + J + K) kernel products instead of N²: one
 log-sum-exp along each axis in turn, each an exact log-domain reduction (no underflow at small blurs, where a
 plain kernel convolution in the linear domain would lose the far-transported mass). Each reduction runs as
-matrix products on blocks of neighbouring output voxels, stabilised per block (:func:`_axis_logsumexp`): a few
+matrix products on blocks of neighbouring output voxels, stabilised per block (:func:`axis_logsumexp`): a few
 exponentials per voxel instead of one per kernel entry, and BLAS does the rest. The cost
 :math:`|x - y|` of ``p = 1`` does not factorise: grids need ``p = 2``.
 
@@ -24,8 +24,8 @@ their positive and negative parts, each carried in the log domain).
 
 :func:`sinkhorn_divergence` takes this path by itself when both measures come from masks on one voxel grid
 (:meth:`geomed.Measure.from_mask`, :meth:`~geomed.Measure.from_labels` of one image): the grid is cropped to the
-bounding box of both supports first. :func:`grid_sinkhorn_divergence` takes dense ``(B, C, *spatial)`` weight
-tensors directly — the MONAI-shaped entry point for soft segmentations.
+bounding box of both supports first. :func:`~geomed.ot.grid_divergence.grid_sinkhorn_divergence` takes dense
+``(B, C, *spatial)`` weight tensors directly — the MONAI-shaped entry point for soft segmentations.
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .._validation import dense_grid_pair
 from ..measure import Measure
-from .problem import Reach, check_arguments
-from .result import OTResult, SolvedItem
+from .result import SolvedItem
 from .schedule import level_for
 
 _TILE_ENTRIES = 2**24
@@ -93,15 +91,15 @@ class GridSoftmin:
         batch = h.shape[0]
         field = h.to(torch.float64).reshape(batch, *[len(c) for c in self.cols])
         for axis, kernel in enumerate(self._axis_kernels(eps, h.device)):
-            field = _axis_logsumexp(field, axis + 1, kernel)
+            field = axis_logsumexp(field, axis + 1, kernel)
         return field.reshape(batch, -1).to(h.dtype)
 
-    def _axis_kernels(self, eps: float, device: torch.device) -> list[_AxisKernel]:
+    def _axis_kernels(self, eps: float, device: torch.device) -> list[AxisKernel]:
         """The per-axis constants at this ε on this device, kept while ε stays (the four problems of a Sinkhorn
         step, and the averages, share them)."""
         key = (eps, device)
         if key not in self._kernels:
-            self._kernels = {key: [_AxisKernel.build(rows, cols, eps, device)
+            self._kernels = {key: [AxisKernel.build(rows, cols, eps, device)
                                    for rows, cols in zip(self.rows, self.cols)]}
         return self._kernels[key]
 
@@ -200,7 +198,7 @@ def _pool_weights(weights: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return field.reshape(weights.shape[0], -1)
 
 
-def _axis_logsumexp(field: torch.Tensor, axis: int, kernel: _AxisKernel) -> torch.Tensor:
+def axis_logsumexp(field: torch.Tensor, axis: int, kernel: AxisKernel) -> torch.Tensor:
     r"""out[..., i, ...] = log Σ_j exp(field[..., j, ...] − (r_i − c_j)²/2ε) along ``axis``; lines of −∞ stay −∞.
 
     An exact log-domain reduction computed as matrix products. The output rows are cut into blocks of
@@ -220,7 +218,7 @@ def _axis_logsumexp(field: torch.Tensor, axis: int, kernel: _AxisKernel) -> torc
     :math:`u_j - m` at ``_CLAMP`` (−460, which keeps every product of the GEMM above the slow denormals) changes
     the result by less than :math:`L e^{-60}` relative. Large blurs give one block (a plain per-line stabilised
     product); at blurs far below the grid's extent the blocks shrink to single rows — the direct log-sum-exp.
-    ``field`` is float64; ``kernel`` holds the blocks' constants (:meth:`_AxisKernel.build`).
+    ``field`` is float64; ``kernel`` holds the blocks' constants (:meth:`AxisKernel.build`).
     """
     before, length, after = math.prod(field.shape[:axis]), field.shape[axis], math.prod(field.shape[axis + 1 :])
     lines = field.reshape(before, length, after)
@@ -236,8 +234,8 @@ def _axis_logsumexp(field: torch.Tensor, axis: int, kernel: _AxisKernel) -> torc
 
 
 @dataclass(frozen=True)
-class _AxisKernel:
-    """The constants of one axis's blocked reduction (:func:`_axis_logsumexp`) for given rows, columns and ε:
+class AxisKernel:
+    """The constants of one axis's blocked reduction (:func:`axis_logsumexp`) for given rows, columns and ε:
     ``shifts`` (n_blocks, L) = (ρ − c_j)²/2ε, ``matrices`` G (n_blocks, S, L), ``offsets`` a_i (n_blocks · S,) —
     float64 on the field's device — and the number of output ``rows`` (the last block repeats the last row)."""
 
@@ -247,7 +245,7 @@ class _AxisKernel:
     offsets: torch.Tensor
 
     @classmethod
-    def build(cls, rows: torch.Tensor, cols: torch.Tensor, eps: float, device: torch.device) -> _AxisKernel:
+    def build(cls, rows: torch.Tensor, cols: torch.Tensor, eps: float, device: torch.device) -> AxisKernel:
         """From ascending per-axis coordinates (mm) of the output ``rows`` and input ``cols``; computed on the CPU
         and moved once."""
         rows, cols = rows.to("cpu", torch.float64), cols.to("cpu", torch.float64)
@@ -396,70 +394,3 @@ def _centres(affine: np.ndarray, lower: list[int], shape: tuple[int, ...], dtype
         column = steps * torch.tensor(affine[:dim, axis], dtype=torch.float64)
         total = total + column.reshape(*[length if k == axis else 1 for k in range(dim)], dim)
     return total.reshape(-1, dim).to(dtype=dtype, device=device)
-
-
-def grid_sinkhorn_divergence(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    blur: float,
-    spacing: Sequence[float] | None = None,
-    p: int = 2,
-    reach: Reach = None,
-    scaling: float = 0.7,
-    debias: bool = True,
-    tol: float | None = 1e-2,
-    max_iter: int = 500,
-    diameter: float | None = None,
-) -> OTResult:
-    """Sinkhorn divergence between weights on one voxel grid, channel by channel: the MONAI-shaped entry point.
-
-    Parameters
-    ----------
-    a, b : Tensor (B, C, *spatial)
-        Non-negative weights on a 2-D or 3-D grid (e.g. softmax probabilities and one-hot labels), each
-        (item, channel) with positive mass; ``a`` may require grad (exact gradients w.r.t. every voxel's weight).
-    blur : float
-        Entropic blur in mm (ε = blur²).
-    spacing : sequence of float, optional
-        Voxel size along each spatial axis in mm (default 1). The direction of the image does not matter.
-    p, reach, scaling, debias, tol, max_iter, diameter
-        As in :func:`geomed.sinkhorn_divergence` (``p = 2`` only: the kernel must factorise over the axes).
-        Balanced (``reach=None``) compares shapes (each channel normalised); with a ``reach`` the masses count.
-
-    Returns
-    -------
-    OTResult
-        ``value`` (B, C); potentials (B, C, N) over the N voxels in C order (``.view(B, C, *spatial)``); the plan
-        operators take values (B, C, N[, K]).
-    """
-    from .solve import solve_tensors
-
-    check_arguments(blur, p, scaling, "grid", tol, max_iter, diameter)
-    if p != 2:
-        raise ValueError(f"p must be 2 on a grid (|x−y|^p does not factorise over the axes for p={p})")
-    spacing = dense_grid_pair(a, b, spacing)
-    shape = tuple(a.shape[2:])
-    batch_shape = tuple(a.shape[:2])
-    flat = []
-    for name, weights in (("a", a), ("b", b)):
-        weights = weights.reshape(-1, math.prod(shape))
-        detached = weights.detach()
-        if not bool(torch.isfinite(detached).all()) or bool((detached < 0).any()):
-            raise ValueError(f"{name} must hold finite, non-negative weights")
-        empty = torch.nonzero(detached.sum(-1) <= 0)
-        if len(empty):
-            item, channel = divmod(int(empty[0]), batch_shape[1])
-            raise ValueError(f"{name} has no mass in item {item}, channel {channel}: an empty mask has no shape to "
-                             "compare (leave such channels out, or use a reach and a small positive floor)")
-        flat.append(weights)
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    axes = [(torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
-    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, len(shape)).to(a.device, dtype)
-    if diameter is None:
-        diameter = max(math.hypot(*[(n - 1) * s for n, s in zip(shape, spacing)]), blur)
-    points = centres.expand(len(flat[0]), -1, -1)
-    return solve_tensors(points, flat[0], points, flat[1], grid=DenseGrid(shape, spacing), batch_shape=batch_shape,
-                         blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend="grid", tol=tol,
-                         max_iter=max_iter, diameter=diameter)
