@@ -1,4 +1,4 @@
-r"""The debiased Sinkhorn divergence between measures: one ε-scaling, symmetric, log-domain loop.
+r"""The debiased Sinkhorn divergence between measures: the front-ends on measures, with the maths they solve.
 
 Conventions (GeomLoss's, in millimetres)
     Cost :math:`C(x, y) = |x - y|^p / p` — :math:`|x-y|^2/2` for ``p = 2`` — with coordinates in mm, so values are
@@ -22,7 +22,7 @@ The layers below: :mod:`geomed.ot.problem` (argument checks, reach and damping),
 for the cross problem and the symmetric ones), :mod:`geomed.ot.divergence` (the debiased value and its gradients by
 the envelope theorem), the geometries (:mod:`geomed.ot.geometry`, :mod:`geomed.ot.multiscale`,
 :mod:`geomed.ot.grid`) and their softmins (:mod:`geomed.ot.softmin`, :mod:`geomed.ot.triton_softmin`), tied
-together by :mod:`geomed.ot.solve`. This module holds the front-ends on measures.
+together by :mod:`geomed.ot.solve`. This module holds :func:`sinkhorn_divergence` and :class:`SinkhornLoss`.
 """
 
 from __future__ import annotations
