@@ -52,14 +52,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from .._spatial import cell_sums, expand_ranges, index_dtype, morton_codes, tile_average, tile_logsumexp
+from .._spatial import cell_sums, morton_codes
+from .blocksparse import RangePattern, RangeSoftmin, concatenate, runs_to_pattern
 from .schedule import level_for
-from .softmin import OnlineSoftmin, TiledSoftmin, TileGeometry, tile_logits
+from .softmin import OnlineSoftmin, tile_logits
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,8 @@ _TRUNCATION = 8.0
 _MAX_COARSEST = 1000
 _BLOCK_ROWS = 64
 _REFINED_ROWS = 16
-_WIDTH_GROWTH = 1.5
+_REFINED_GAP = 4
 _BLOCK_COLS = 8192
-_TABLE_ENTRIES = 200_000_000
-_KEPT_TILE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -111,198 +109,8 @@ def _build_levels(points: torch.Tensor, log_weights: torch.Tensor, codes: torch.
     return levels
 
 
-class BlockSparseSoftmin(TiledSoftmin):
-    """Softmin over the tiles of a truncation pattern: (row range, gathered column indices) per block (B = 1).
-
-    Blocks are cut into row chunks of ≤ 64 rows, sorted by their number of columns and stacked, padded, into groups
-    of ≈ 4·10⁶ entries: each group is one batched ``baddbmm`` + exponential pass, so that thousands of small tiles
-    cost a few dozen kernel launches per reduction instead of thousands.
-    """
-
-    name = "multiscale"
-
-    def __init__(self, p: int, blocks: list[tuple[int, int, torch.Tensor]], kept: float,
-                 chunk_rows: int = _BLOCK_ROWS, keep_tiles: bool = False):
-        super().__init__(p)
-        self.kept, self.chunk_rows = kept, chunk_rows
-        self._groups = _stack_blocks(blocks, chunk_rows)
-        self.keep_tiles = keep_tiles and sum(cols.numel() for _, _, cols, _ in self._groups) <= _KEPT_TILE_BYTES / 24
-        self._cache_key: tuple | None = None
-        self._cache: list[TileGeometry] = []
-
-    def tiles(self, b, n, m):
-        for rows, valid, cols, padding in self._groups:
-            for k, (start, count) in enumerate(zip(rows[:, 0].tolist(), valid.sum(-1).tolist())):
-                yield slice(start, start + count), cols[k][~padding[k]]
-
-    def __call__(self, eps, x, y, h):
-        out = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
-        for (rows, valid, cols, padding), tiles in zip(self._groups, self._tiles(x, y)):
-            lse = tile_logsumexp(tiles.logits(h[0][cols].masked_fill(padding, -math.inf), eps))
-            out[0, rows[valid]] = lse[valid]
-        return out.mul_(-eps)
-
-    def average(self, eps, x, y, h, softmin, values):
-        out = torch.zeros(*x.shape[:-1], values.shape[-1], dtype=x.dtype, device=x.device)
-        lse = -softmin[0] / eps
-        for (rows, valid, cols, padding), tiles in zip(self._groups, self._tiles(x, y)):
-            logits = tiles.logits(h[0][cols].masked_fill(padding, -math.inf), eps)
-            out[0, rows[valid]] = tile_average(logits, lse[rows], values[0][cols])[valid]
-        return out
-
-    def _tiles(self, x, y) -> Iterable[TileGeometry]:
-        """The gathered points of every group. With ``keep_tiles`` (the refined final-blur softmins, which serve
-        many iterations on few entries) they are kept while the solver works on the same (x, y) tensors — the
-        points do not change between iterations, only h does — if they fit in ``_KEPT_TILE_BYTES`` (about 24 bytes
-        per stacked column in float32 and D = 3); otherwise they are gathered group by group, so that wide
-        patterns take no memory beyond one group."""
-        if not self.keep_tiles:
-            return (TileGeometry(x[0][rows], y[0][cols], self.p) for rows, _, cols, _ in self._groups)
-        key = (x.data_ptr(), y.data_ptr(), x._version, y._version, x.shape, y.shape, x.dtype)
-        if self._cache_key != key:
-            self._cache = [TileGeometry(x[0][rows], y[0][cols], self.p) for rows, _, cols, _ in self._groups]
-            self._cache_key = key
-        return self._cache
-
-
-def _stack_blocks(blocks, chunk_rows: int = _BLOCK_ROWS, budget: int = 4_000_000):
-    """Groups (rows (k, R), valid rows (k, R), columns (k, C), padded columns (k, C)) of row chunks of similar width,
-    R = ``chunk_rows``. Consumes ``blocks`` (emptied), so that column indices held only by it are freed as their
-    group is built: a million points have gigabytes of them."""
-    chunks = [(row, min(row + chunk_rows, stop), cols) for start, stop, cols in blocks
-              for row in range(start, stop, chunk_rows)]
-    blocks.clear()
-    chunks.sort(key=lambda chunk: len(chunk[2]), reverse=True)
-    groups, current = [], []
-    while chunks:
-        chunk = chunks.pop()
-        too_wide = current and len(chunk[2]) > _WIDTH_GROWTH * len(current[0][2]) + 32
-        if current and (too_wide or (len(current) + 1) * chunk_rows * len(chunk[2]) > budget):
-            groups.append(_pad_group(current, chunk_rows))
-            current = []
-        current.append(chunk)
-    if current:
-        groups.append(_pad_group(current, chunk_rows))
-    return groups
-
-
-def _groups_of(softmin: TiledSoftmin, n: int, m: int, device: torch.device):
-    """The stacked tiles of a block-sparse softmin, or of the full n × m matrix."""
-    if isinstance(softmin, BlockSparseSoftmin):
-        return softmin._groups
-    return _stack_blocks([(0, n, torch.arange(m, device=device))])
-
-
-def _pad_group(chunks, chunk_rows: int):
-    device = chunks[0][2].device
-    width = max(len(cols) for _, _, cols in chunks)
-    offsets = torch.arange(chunk_rows, device=device)
-    starts = torch.tensor([start for start, _, _ in chunks], device=device)
-    sizes = torch.tensor([stop - start for start, stop, _ in chunks], device=device)
-    valid = offsets < sizes.unsqueeze(-1)
-    rows = torch.where(valid, starts.unsqueeze(-1) + offsets, starts.unsqueeze(-1))
-    cols = torch.zeros(len(chunks), width, dtype=chunks[0][2].dtype, device=device)
-    padding = torch.ones(len(chunks), width, dtype=torch.bool, device=device)
-    for k, (_, _, chunk_cols) in enumerate(chunks):
-        cols[k, : len(chunk_cols)] = chunk_cols
-        padding[k, : len(chunk_cols)] = False
-    return rows, valid, cols, padding
-
-
-def _refine(softmin: BlockSparseSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
-            g: torch.Tensor) -> BlockSparseSoftmin:
-    """Cut each 64-row chunk of a block-sparse softmin on the input points into chunks of 16 rows, each keeping the
-    columns j with C(x_i, y_j) − f_i − g_j ≤ τε for some row i of it (and each row's best column).
-
-    On points the test is exact — no cluster radii — so it removes what the cluster-level margins had to keep, and
-    the smaller chunks cover less space around their rows: on volume-filling measures a few times fewer entries,
-    where the final iterations run.
-    """
-    parts = softmin.chunk_rows // _REFINED_ROWS
-    chunks, entries = [], 0
-    for rows, valid, cols, padding in softmin._groups:
-        slack = tile_logits(x[rows], y[cols], (g[cols] / eps).masked_fill(padding, -math.inf), eps, softmin.p)
-        slack.add_((f[rows] / eps).masked_fill(~valid, -math.inf).unsqueeze(-1))
-        best = slack.argmax(-1)
-        keep = slack.unflatten(1, (parts, _REFINED_ROWS)).amax(-2) >= -_TRUNCATION
-        part = torch.arange(softmin.chunk_rows, device=x.device) // _REFINED_ROWS
-        keep[torch.arange(len(rows), device=x.device).unsqueeze(-1), part, best] = True
-        keep &= ~padding.unsqueeze(1)
-        for k, (start, count) in enumerate(zip(rows[:, 0].tolist(), valid.sum(-1).tolist())):
-            for piece in range(parts):
-                size = min(_REFINED_ROWS, count - piece * _REFINED_ROWS)
-                if size > 0:
-                    kept_cols = cols[k][keep[k, piece]]
-                    chunks.append((start + piece * _REFINED_ROWS, start + piece * _REFINED_ROWS + size, kept_cols))
-                    entries += size * len(kept_cols)
-    return BlockSparseSoftmin(softmin.p, chunks, entries / (len(x) * len(y)), _REFINED_ROWS, keep_tiles=True)
-
-
-def _unique_pairs(first: torch.Tensor, second: torch.Tensor, n_first: int, n_second: int):
-    """Distinct pairs (first, second), sorted, as int32 where they fit: marked in a boolean table of at most
-    ``_TABLE_ENTRIES`` entries per band of ``first`` values (the pairs of the finest cluster level of a million
-    points would take gigabytes to sort)."""
-    band = max(1, _TABLE_ENTRIES // max(n_second, 1))
-    dtype = index_dtype(max(n_first, n_second))
-    found_first, found_second = [], []
-    for low in range(0, n_first, band):
-        rows, cols = first, second
-        if band < n_first:
-            inside = (first >= low) & (first < low + band)
-            rows, cols = first[inside] - low, second[inside]
-        table = torch.zeros(min(band, n_first - low), n_second, dtype=torch.bool, device=first.device)
-        table[rows, cols] = True
-        pairs = table.nonzero()
-        found_first.append(pairs[:, 0].add_(low).to(dtype))
-        found_second.append(pairs[:, 1].to(dtype))
-    return torch.cat(found_first), torch.cat(found_second)
-
-
-def _blocks(pairs_rows, pairs_cols, rows: _Levels, cols: _Levels, level: int, row_children: bool, col_children: bool):
-    """Tiles for pattern pairs (I, J) of level-``level`` clusters: rows/columns are their children or themselves."""
-    device = pairs_rows.device
-    n_rows, n_cols = len(rows.points[level]), len(cols.points[level])
-    if row_children:
-        group_start, group_count = rows.child_start[level], rows.child_count[level]
-    else:
-        group_start = torch.arange(n_rows, device=device)
-        group_count = torch.ones(n_rows, dtype=torch.long, device=device)
-    block_of_group = group_start // _BLOCK_ROWS
-    n_blocks = int(block_of_group[-1]) + 1
-    block, column = _unique_pairs(block_of_group.to(index_dtype(n_blocks))[pairs_rows], pairs_cols, n_blocks, n_cols)
-    if col_children:
-        col_start, col_count = cols.child_start[level][column], cols.child_count[level][column]
-        indices = expand_ranges(col_start, col_count)
-    else:
-        col_count = torch.ones_like(column, dtype=torch.long)
-        indices = column.to(index_dtype(n_cols))
-    per_block = torch.zeros(n_blocks, dtype=torch.long, device=device).index_add_(0, block, col_count)
-    row_start = torch.full((n_blocks,), 2**62, dtype=torch.long, device=device).scatter_reduce_(
-        0, block_of_group, group_start, "amin")
-    row_stop = torch.zeros(n_blocks, dtype=torch.long, device=device).scatter_reduce_(
-        0, block_of_group, group_start + group_count, "amax")
-    blocks, entries = [], 0
-    for b, (start, stop, chunk) in enumerate(zip(row_start.tolist(), row_stop.tolist(),
-                                                  torch.split(indices, per_block.tolist()))):
-        if len(chunk) and stop > start:
-            blocks.append((start, stop, chunk))
-            entries += (stop - start) * len(chunk)
-    n = int(group_start[-1] + group_count[-1])
-    m = len(cols.points[level - 1]) if col_children else n_cols
-    return blocks, entries / (n * m)
-
-
-@dataclass
-class _Pattern:
-    """Kept cluster pairs at one level, for one problem (rows measure, columns measure); a pair may repeat."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-
-
 class Multiscale:
-    """The coarse-to-fine geometry of one pair of measures (one batch item), driven by the Sinkhorn loop (a
-    :class:`~geomed.ot.geometry.Geometry`).
+    """The coarse-to-fine geometry of one pair of measures (one batch item), driven by the Sinkhorn loop.
 
     Parameters
     ----------
@@ -343,7 +151,7 @@ class Multiscale:
         self.y_levels = _build_levels(y[self.perm_y], log_b[self.perm_y], code_y, shifts)
         self.cells = [0.0] + cells
         self.level = len(self.cells) - 1
-        self.patterns: dict[str, _Pattern] | None = None
+        self.patterns: dict[str, RangePattern] | None = None
         self._refined_at: float | None = None
         self.softmins = self._dense_softmins()
 
@@ -361,7 +169,7 @@ class Multiscale:
     @property
     def kept(self) -> float:
         """Fraction of the cross cost matrix that the working level evaluates."""
-        return self.softmins["xy"].kept if isinstance(self.softmins["xy"], BlockSparseSoftmin) else 1.0
+        return self.softmins["xy"].kept if isinstance(self.softmins["xy"], RangeSoftmin) else 1.0
 
     def measures(self):
         """(x, y, log_a, log_b) of the working level, batched (1, ·)."""
@@ -390,7 +198,7 @@ class Multiscale:
     def _target(self, eps: float, final: bool) -> int:
         return 0 if final else level_for(eps, self.p, self.cells)
 
-    # ------------------------------------------------------------------------------------------- jumps
+    # ------------------------------------------------------------------------------------------- helpers
     def _names(self):
         names = [("xy", "x", "y", 0, 1), ("yx", "y", "x", 1, 0)]
         if self.debias:
@@ -400,56 +208,65 @@ class Multiscale:
     def _side(self, name: str) -> _Levels:
         return self.x_levels if name == "x" else self.y_levels
 
+    def _offsets(self, side: str, level: int) -> torch.Tensor:
+        """(n_level + 1,): the level-``level`` cluster i stands for the points [offsets[i], offsets[i + 1]) of the
+        level below."""
+        levels = self._side(side)
+        start = levels.child_start[level]
+        return torch.cat([start, start.new_tensor([len(levels.points[level - 1])])])
+
+    # ------------------------------------------------------------------------------------------- jumps
     def _jump(self, eps: float, potentials: list) -> list:
         """From the working level q to q − 1: truncation pattern from the level-q potentials, then extrapolation."""
         q = self.level
-        measures = {"x": (self.x_levels.points[q], self.x_levels.log_weights[q]),
-                    "y": (self.y_levels.points[q], self.y_levels.log_weights[q])}
         extended = {}
         for name, rows, cols, i, j in self._names():
-            row_points = measures[rows][0]
-            col_points, col_logw = measures[cols]
+            row_points = self._side(rows).points[q]
+            col_points, col_logw = self._side(cols).points[q], self._side(cols).log_weights[q]
             softmin = self.softmins[name]
             h = (col_logw + potentials[j][0] / eps)[None]
             values = softmin(eps, row_points[None], col_points[None], h)
             average = softmin.average(eps, row_points[None], col_points[None], h, values, col_points[None])
             extended[name] = (potentials[i][0], self._gradient_u(eps, rows, row_points, average[0]))
-        self._prune(eps, q, {name: _groups_of(self.softmins[name], len(self._side(rows).points[q]),
-                                              len(self._side(cols).points[q]), self._side(rows).points[q].device)
-                             for name, rows, cols, _, _ in self._names()}, extended)
+        candidates = {}
+        for name, rows, cols, _, _ in self._names():
+            softmin = self.softmins[name]
+            candidates[name] = softmin.pattern if isinstance(softmin, RangeSoftmin) else RangePattern.dense(
+                len(self._side(rows).points[q]), len(self._side(cols).points[q]), _BLOCK_ROWS,
+                self._side(rows).points[q].device)
+        self._prune(eps, q, candidates, extended)
         extrapolated = list(potentials)
         for name, rows, cols, i, j in self._names():
-            pattern = self.patterns[name]
-            row_levels, col_levels = self._side(rows), self._side(cols)
-            blocks, kept = _blocks(pattern.rows, pattern.cols, row_levels, col_levels, q, True, False)
-            softmin = BlockSparseSoftmin(self.p, blocks, kept)
+            col_levels = self._side(cols)
+            softmin = RangeSoftmin(self.p, self.patterns[name].children(self._offsets(rows, q), None, _BLOCK_ROWS))
             h = (col_levels.log_weights[q] + potentials[j][0] / eps)[None]
             damping = self.damping(eps, rows)
-            extrapolated[i] = damping * softmin(eps, row_levels.points[q - 1][None], col_levels.points[q][None], h)
+            extrapolated[i] = damping * softmin(eps, self._side(rows).points[q - 1][None], col_levels.points[q][None], h)
         self.level = q - 1
         self._set_softmins()
         return extrapolated
 
-    def _prune(self, eps: float, q: int, groups: dict, extended: dict) -> None:
-        """New patterns: the level-q cluster pairs, within the stacked tiles ``groups[name]``, that may carry mass.
+    def _prune(self, eps: float, q: int, candidates: dict, extended: dict) -> None:
+        """New patterns: the level-q cluster pairs, among the ``candidates[name]`` patterns, that may carry mass.
 
         A pair is kept when the lower bound on C − f − g over its two clusters (module docstring) is below τε, or
-        when it is the best pair of its row or column cluster (so that no cluster is left without partners). The
-        bound is evaluated tile by tile with BLAS-shaped operations (the per-pair bookkeeping is what costs at fine
-        levels). ``extended[name]`` holds the potential and ∇u of problem ``name`` at the level-q points of its
-        rows; the (y, x) pattern is the transposed (x, y) one.
+        when it is the best pair of its row cluster (so that no cluster is left without partners; each problem,
+        (y, x) too, is pruned from its own rows). The bound is evaluated tile by tile with BLAS-shaped operations;
+        each tile's rows are cut where their children fall into another block of ``_BLOCK_ROWS`` rows of the level
+        below, and each piece keeps the union of its rows' columns, as ranges. ``extended[name]`` holds the
+        potential and ∇u of problem ``name`` at the level-q points of its rows.
         """
         self.patterns = {}
+        transposed = {"xy": "yx", "yx": "xy", "xx": "xx", "yy": "yy"}
         for name, rows, cols, _, _ in self._names():
-            if name == "yx":
-                continue
             row_levels, col_levels = self._side(rows), self._side(cols)
             f_rows, grad_rows = extended[name]
-            f_cols, grad_cols = extended["yx" if name == "xy" else name]
-            dtype = index_dtype(max(len(row_levels.points[q]), len(col_levels.points[q])))
-            best = torch.full((len(col_levels.points[q]),), math.inf, dtype=f_rows.dtype, device=f_rows.device)
-            found_rows, found_cols, best_rows, best_cols, best_values = [], [], [], [], []
-            for row_index, valid, col_index, padding in groups[name]:
+            f_cols, grad_cols = extended[transposed[name]]
+            block = row_levels.child_start[q] // _BLOCK_ROWS
+            softmin = RangeSoftmin(self.p, candidates[name])
+            pieces = []
+            for row_index, valid, col_index, padding in softmin.stacked_tiles():
+                col_index = col_index.masked_fill(padding, 0)
                 cx, cy = row_levels.points[q][row_index], col_levels.points[q][col_index]
                 bound = tile_logits(cx, cy, f_cols[col_index] / eps, eps, self.p).mul_(-eps)
                 bound -= f_rows[row_index].unsqueeze(-1)
@@ -461,25 +278,26 @@ class Multiscale:
                     bound -= 2 * (r_x + r_y)
                 bound.masked_fill_(padding.unsqueeze(-2) | ~valid.unsqueeze(-1), math.inf)
                 keep = ((bound <= _TRUNCATION * eps) | (bound <= bound.amin(-1, keepdim=True))) & torch.isfinite(bound)
-                tile, row, col = keep.nonzero(as_tuple=True)
-                found_rows.append(row_index[tile, row].to(dtype))
-                found_cols.append(col_index[tile, col].to(dtype))
-                column_best, best_row = bound.min(-2)
-                column_best, columns = column_best.flatten(), col_index.flatten().long()
-                best.scatter_reduce_(0, columns, column_best, "amin")
-                leading = column_best <= best[columns]
-                best_values.append(column_best[leading])
-                best_rows.append(row_index.gather(1, best_row).flatten()[leading].to(dtype))
-                best_cols.append(columns[leading].to(dtype))
-            values, candidates = torch.cat(best_values), torch.cat(best_cols)
-            chosen = (values <= best[candidates.long()]) & torch.isfinite(values)
-            self.patterns[name] = _Pattern(torch.cat([*found_rows, torch.cat(best_rows)[chosen]]),
-                                           torch.cat([*found_cols, candidates[chosen]]))
-        self.patterns["yx"] = _Pattern(self.patterns["xy"].cols, self.patterns["xy"].rows)
+                segment = block[row_index]
+                segment = (segment - segment[:, :1]).masked_fill_(~valid, 0)
+                n_segments = int(segment.max()) + 1
+                k, width = col_index.shape
+                merged = torch.zeros(k, n_segments, width, dtype=torch.uint8, device=keep.device).scatter_reduce_(
+                    1, segment.unsqueeze(-1).expand_as(keep), keep.to(torch.uint8), "amax")
+                first = torch.full((k, n_segments), 2**62, dtype=torch.long, device=keep.device).scatter_reduce_(
+                    1, segment, row_index.masked_fill(~valid, 2**62), "amin")
+                last = torch.full((k, n_segments), -1, dtype=torch.long, device=keep.device).scatter_reduce_(
+                    1, segment, row_index.masked_fill(~valid, -1), "amax")
+                present = (last >= 0).flatten()
+                tile_of = torch.arange(k, device=keep.device).repeat_interleave(n_segments)[present]
+                pieces.append(runs_to_pattern(merged.flatten(0, 1)[present].bool(), col_index[tile_of],
+                                              first.flatten()[present], last.flatten()[present] + 1,
+                                              len(row_levels.points[q]), len(col_levels.points[q])))
+            self.patterns[name] = concatenate(pieces)
         self._truncated_at = eps
-        logger.debug("truncation at ε = %.4g mm^p, level %d (%d × %d clusters): %s cluster pairs", eps, q,
+        logger.debug("truncation at ε = %.4g mm^p, level %d (%d × %d clusters): %s ranges", eps, q,
                      len(self.x_levels.points[q]), len(self.y_levels.points[q]),
-                     ", ".join(f"{name} {len(pattern.rows)}" for name, pattern in self.patterns.items()))
+                     ", ".join(f"{name} {len(pattern.range_start)}" for name, pattern in self.patterns.items()))
 
     def _gradient_u(self, eps, side, points, average):
         """∇u = λ T + (1 − λ) x at the given points, from the soft average T of the other measure."""
@@ -492,10 +310,8 @@ class Multiscale:
         q = self.level + 1
         extended = {}
         for name, rows, cols, i, j in self._names():
-            pattern = self.patterns[name]
             row_levels, col_levels = self._side(rows), self._side(cols)
-            blocks, kept = _blocks(pattern.rows, pattern.cols, row_levels, col_levels, q, False, True)
-            softmin = BlockSparseSoftmin(self.p, blocks, kept)
+            softmin = RangeSoftmin(self.p, self.patterns[name].children(None, self._offsets(cols, q), _BLOCK_ROWS))
             centres = row_levels.points[q][None]
             col_points = col_levels.points[q - 1][None]
             h = (col_levels.log_weights[q - 1] + potentials[j][0] / eps)[None]
@@ -503,22 +319,15 @@ class Multiscale:
             average = softmin.average(eps, centres, col_points, h, values, col_points)
             damping = self.damping(eps, rows)
             extended[name] = (damping * values[0], self._gradient_u(eps, rows, centres[0], average[0]))
-        groups = {}
-        for name, rows, cols, _, _ in self._names():
-            pattern = self.patterns[name]
-            blocks, _ = _blocks(pattern.rows, pattern.cols, self._side(rows), self._side(cols), q, False, False)
-            groups[name] = _stack_blocks(blocks)
-        self._prune(eps, q, groups, extended)
+        self._prune(eps, q, dict(self.patterns), extended)
         self._set_softmins()
 
     def _set_softmins(self) -> None:
         """Block-sparse softmins of the working level from the cluster patterns."""
         q = self.level + 1
-        self.softmins = {}
-        for name, rows, cols, _, _ in self._names():
-            pattern = self.patterns[name]
-            blocks, kept = _blocks(pattern.rows, pattern.cols, self._side(rows), self._side(cols), q, True, True)
-            self.softmins[name] = BlockSparseSoftmin(self.p, blocks, kept)
+        self.softmins = {name: RangeSoftmin(self.p, self.patterns[name].children(
+                             self._offsets(rows, q), self._offsets(cols, q), _BLOCK_ROWS))
+                         for name, rows, cols, _, _ in self._names()}
 
     def _refine_softmins(self, eps: float, potentials: list) -> None:
         """At the final blur, on the input points: cut every softmin's pattern entry by entry (:func:`_refine`; it
@@ -530,3 +339,38 @@ class Multiscale:
             self.softmins[name] = _refine(self.softmins[name], eps, self._side(rows).points[0],
                                           self._side(cols).points[0], potentials[i][0], potentials[j][0])
         self._refined_at = eps
+
+
+def _refine(softmin: RangeSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
+            g: torch.Tensor) -> RangeSoftmin:
+    """Cut each chunk of a block-sparse softmin on the input points into chunks of 16 rows, each keeping the
+    columns j with C(x_i, y_j) − f_i − g_j ≤ τε for some row i of it (and each row's best column), as ranges
+    (runs separated by at most ``_REFINED_GAP`` columns merged).
+
+    On points the test is exact — no cluster radii — so it removes what the cluster-level margins had to keep, and
+    the smaller chunks cover less space around their rows: on volume-filling measures a few times fewer entries,
+    where the final iterations run.
+    """
+    pattern = softmin.pattern
+    pieces = []
+    for rows, valid, cols, padding in softmin.stacked_tiles():
+        cols = cols.masked_fill(padding, 0)
+        slack = tile_logits(x[rows], y[cols], (g[cols] / eps).masked_fill(padding, -math.inf), eps, softmin.p)
+        slack.add_((f[rows] / eps).masked_fill(~valid, -math.inf).unsqueeze(-1))
+        k, height, width = slack.shape
+        keep = slack >= -_TRUNCATION
+        best = slack.argmax(-1, keepdim=True)
+        keep.scatter_(-1, best, valid.unsqueeze(-1))
+        keep &= ~padding.unsqueeze(1)
+        parts = -(-height // _REFINED_ROWS)
+        if parts * _REFINED_ROWS != height:
+            keep = torch.cat([keep, keep.new_zeros(k, parts * _REFINED_ROWS - height, width)], 1)
+        keep = keep.unflatten(1, (parts, _REFINED_ROWS)).any(2).flatten(0, 1)
+        first = (rows[:, :1] + torch.arange(parts, device=rows.device) * _REFINED_ROWS).flatten()
+        last = torch.minimum(first + _REFINED_ROWS, (rows[:, 0] + valid.sum(-1)).repeat_interleave(parts))
+        present = last > first
+        tile_of = torch.arange(k, device=rows.device).repeat_interleave(parts)[present]
+        pieces.append(runs_to_pattern(keep[present], cols[tile_of], first[present], last[present],
+                                      pattern.n_rows, pattern.n_cols, gap=_REFINED_GAP))
+    refined = concatenate(pieces)
+    return RangeSoftmin(softmin.p, refined, cache=True)
