@@ -27,6 +27,45 @@ from .result import ScheduleStep, Solution
 logger = logging.getLogger(__name__)
 
 _OVERRELAXATION = 1.8
+_RATE_WINDOW = 10
+
+
+class _Overrelaxation:
+    r"""The over-relaxation factor ω of the final-blur iterations, adapted to the observed convergence rate.
+
+    Over-relaxed Sinkhorn ``f ← f + ω (T(g) − f)`` converges locally at the rate ``ω − 1`` for the optimal
+    :math:`\omega^\star = 2 / (1 + \sqrt{1 - \theta^2})`, where :math:`\theta^2` is the rate of plain Sinkhorn
+    (Thibault et al., 2017; Lehmann et al., 2021) — close to 1 at small blurs, where ω* nears 2. Below ω*, the
+    observed rate ρ of the marginal error and ω give :math:`\theta^2 = (\rho + \omega - 1)^2 / (\rho\,\omega^2)`
+    (the relation of successive over-relaxation for consistently ordered iterations). Starting from ω = 1.8, the
+    rate is measured every ``_RATE_WINDOW`` (10) iterations over the last 10, from the 20th on and only when the
+    error fell at each of them (a plateau or an oscillation of the error is a transient, not the asymptotic
+    rate: taken for one, it sends ω to 2), and ω moves up to the ω* it implies (never down: transients make ρ,
+    hence θ², look smaller than they are). Should the error grow tenfold over its best, ω falls back to 1 for
+    good. At blur 1% of the diameter this takes the final iterations on 10k-point femur surfaces from 139 to 94
+    (tibia voxels 72 → 59, 3000 femur voxels 211 → 118, a uniform cube 55 → 58), and the value lands 5–70× closer
+    to the converged one (on the surfaces 1e-5 instead of 7.6e-4: the error left at ``tol`` sits in the slow
+    modes, which a larger ω damps).
+    """
+
+    def __init__(self):
+        self.omega, self.best, self.errors, self.fixed = _OVERRELAXATION, math.inf, [], False
+
+    def update(self, error: float) -> float:
+        """Record the marginal error of the latest update; the ω to use next."""
+        self.best = min(self.best, error)
+        if error > 10 * self.best:
+            self.omega, self.fixed = 1.0, True
+        self.errors.append(error)
+        count, window = len(self.errors), _RATE_WINDOW
+        recent = self.errors[-1 - window:]
+        if (not self.fixed and count >= 2 * window and count % window == 0 and recent[-1] > 0
+                and all(later < earlier for earlier, later in zip(recent, recent[1:]))):
+            rate = (recent[-1] / recent[0]) ** (1 / window)
+            if self.omega - 1 < rate < 1:
+                theta2 = min((rate + self.omega - 1) ** 2 / (rate * self.omega**2), 1 - 1e-6)
+                self.omega = max(self.omega, 2 / (1 + math.sqrt(1 - theta2)))
+        return self.omega
 
 
 def _relative_change(weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> float:
@@ -45,9 +84,9 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
     ``tol=None, max_iter=0`` the solve stops there, and a coarse final level costs no full-resolution update).
     If the extrapolation moved to a finer level, at least one iteration follows when ``tol`` is set. At the final
     ε, the cross problem continues
-    with over-relaxed alternating updates ``f ← f + ω (λ softmin(g) − f)``, ω = 1.8 (several times fewer iterations
-    than plain Sinkhorn at small blurs; ω falls back to 1 should the error grow tenfold over its best), and the
-    symmetric problems with averaged updates, until the marginal error is below ``tol``.
+    with over-relaxed alternating updates ``f ← f + ω (λ softmin(g) − f)``, ω from 1.8 up to the optimum that
+    the observed rate implies (:class:`_Overrelaxation`; several times fewer iterations than plain Sinkhorn at
+    small blurs), and the symmetric problems with averaged updates, until the marginal error is below ``tol``.
     """
     epsilons, rho_a, rho_b = problem.schedule.epsilons, problem.rho_a, problem.rho_b
     debias, tol, max_iter = problem.symmetric, problem.tol, problem.max_iter
@@ -116,7 +155,7 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
             error = max(error, symmetric_step(eps))
         step_record("scale-jump" if jumped else "eps-scaling", eps, 1, start)
 
-    eps, omega, best = epsilons[-1], _OVERRELAXATION, math.inf
+    eps, relaxation = epsilons[-1], _Overrelaxation()
     start, iterations = time.perf_counter(), 0
     extrapolated = advance(eps, final=True)
     converged = tol is not None and error < tol and not extrapolated
@@ -124,14 +163,12 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
     while not converged and iterations < max_iter:
         new_f = cross_f(eps, g)
         cross_error = _relative_change(weights("a"), f, new_f, eps)
+        omega = relaxation.update(cross_error)
         f = f + omega * (new_f - f)
         g = g + omega * (cross_g(eps, f) - g)
         if debias and (tol is None or symmetric_error >= tol):
             symmetric_error = symmetric_step(eps)
         error = max(cross_error, symmetric_error if debias else 0.0)
-        best = min(best, cross_error)
-        if cross_error > 10 * best:
-            omega = 1.0
         iterations += 1
         converged = tol is not None and error < tol
     step_record("final-blur", eps, iterations, start)
