@@ -30,6 +30,8 @@ class Geometry(Protocol):
         Cell side (mm) of the working level; 0 for the input points.
     kept : float
         Fraction of the cross cost matrix that the working softmins evaluate (1 without truncation).
+    pattern_bytes : int
+        Memory (bytes) held by the working softmins' truncation patterns (0 without truncation).
     order : tuple of Tensor (B, N), (B, M), or None
         Permutations from the input order of the points to the order of the level-0 points of
         :meth:`measures` (None when they are in input order).
@@ -41,6 +43,7 @@ class Geometry(Protocol):
     level: int
     scale: float
     kept: float
+    pattern_bytes: int
     order: tuple[torch.Tensor, torch.Tensor] | None
     softmins: dict[str, Softmin]
 
@@ -71,6 +74,7 @@ class SingleScale:
     level = 0
     scale = 0.0
     kept = 1.0
+    pattern_bytes = 0
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, softmin: Softmin,
                  order: tuple[torch.Tensor, torch.Tensor] | None):

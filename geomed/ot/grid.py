@@ -118,6 +118,7 @@ class GridPyramid:
 
     order = None
     kept = 1.0
+    pattern_bytes = 0
 
     def __init__(self, x, y, alpha, beta, shape: Sequence[int], spacing: Sequence[float], damping):
         self.damping = damping

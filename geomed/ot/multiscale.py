@@ -171,6 +171,11 @@ class Multiscale:
         """Fraction of the cross cost matrix that the working level evaluates."""
         return self.softmins["xy"].kept if isinstance(self.softmins["xy"], RangeSoftmin) else 1.0
 
+    @property
+    def pattern_bytes(self) -> int:
+        """Memory (bytes) of the working softmins' truncation patterns."""
+        return sum(softmin.pattern.nbytes for softmin in set(self.softmins.values()) if isinstance(softmin, RangeSoftmin))
+
     def measures(self):
         """(x, y, log_a, log_b) of the working level, batched (1, ·)."""
         lv = self.level

@@ -15,7 +15,10 @@ class ScheduleStep:
 
     ``phase`` is "initialisation", "eps-scaling", "scale-jump" (the step moved to a finer multiscale level) or
     "final-blur"; ``eps`` (mm^p); iterations run at it; wall time (s); ``scale``, the cell side (mm) of the
-    multiscale level it ran on (0 for the input points); ``kept``, the fraction of the cross cost matrix evaluated.
+    multiscale level it ran on (0 for the input points); ``kept``, the fraction of the cross cost matrix evaluated;
+    ``softmins``, the softmin reductions its Sinkhorn updates computed (4 per ε-step and per final iteration while
+    the debiasing problems update, 2 once they have converged; the extrapolations and truncation tests of a
+    multiscale or grid geometry are not counted); ``pattern_bytes``, the memory its truncation patterns held.
     """
 
     phase: str
@@ -24,6 +27,8 @@ class ScheduleStep:
     seconds: float
     scale: float = 0.0
     kept: float = 1.0
+    softmins: int = 0
+    pattern_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,11 @@ class OTResult:
     def iterations(self) -> int:
         """Total Sinkhorn iterations over the whole schedule."""
         return sum(step.iterations for step in self.schedule)
+
+    @property
+    def softmins(self) -> int:
+        """Softmin reductions of the Sinkhorn updates over the whole schedule (see :class:`ScheduleStep`)."""
+        return sum(step.softmins for step in self.schedule)
 
     def _apply(self, values: torch.Tensor, transpose: bool) -> torch.Tensor:
         problem = self._problem

@@ -91,6 +91,7 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
     epsilons, rho_a, rho_b = problem.schedule.epsilons, problem.rho_a, problem.rho_b
     debias, tol, max_iter = problem.symmetric, problem.tol, problem.max_iter
     state = {}
+    counter = [0]  # softmin reductions since the last schedule step
 
     def refresh():
         x, y, log_a, log_b = geometry.measures()
@@ -104,20 +105,24 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
 
     def cross_f(eps, g):
         s = state
+        counter[0] += 1
         return damping(eps, rho_a) * s["softmins"]["xy"](eps, s["x"], s["y"], s["log_b"] + g / eps)
 
     def cross_g(eps, f):
         s = state
+        counter[0] += 1
         return damping(eps, rho_b) * s["softmins"]["yx"](eps, s["y"], s["x"], s["log_a"] + f / eps)
 
     def symmetric(eps, f_aa, g_bb):
         s = state
+        counter[0] += 2
         return (damping(eps, rho_a) * s["softmins"]["xx"](eps, s["x"], s["x"], s["log_a"] + f_aa / eps),
                 damping(eps, rho_b) * s["softmins"]["yy"](eps, s["y"], s["y"], s["log_b"] + g_bb / eps))
 
     def step_record(phase, eps, iterations, start):
         schedule.append(ScheduleStep(phase, eps, iterations, time.perf_counter() - start, geometry.scale,
-                                     geometry.kept))
+                                     geometry.kept, counter[0], geometry.pattern_bytes))
+        counter[0] = 0
 
     schedule: list[ScheduleStep] = []
     start = time.perf_counter()
