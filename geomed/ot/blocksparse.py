@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._spatial import expand_ranges, index_dtype, tile_average, tile_logsumexp
+from .._spatial import expand_ranges, index_dtype, shifted_logsumexp, tile_average, tile_logsumexp
 from .softmin import TiledSoftmin, TileGeometry
 
 _GROUP_ENTRIES = 2**22
 _WIDTH_GROWTH = 1.5
-_CACHE_BYTES = 64 * 2**20
+_CACHE_BYTES = 128 * 2**20
 
 
 @dataclass(eq=False)
@@ -179,8 +179,12 @@ class RangeSoftmin(TiledSoftmin):
     """The softmin (and soft averages) of one problem over a :class:`RangePattern` (batch of one, B = 1).
 
     Each group's column indices point padding at a last, extra column (h = −∞ there), so that one gather gives
-    the padded h. The groups' prepared tiles (:class:`~geomed.ot.softmin.TileGeometry`) are kept between calls on
-    the same points — the solver changes only h between iterations — while they fit in ``_CACHE_BYTES``.
+    the padded h. With ``cache=True`` (the refined patterns of the final blur, which serve many iterations on the
+    same points — the solver changes only h between them) the groups' expanded column indices, and if they fit
+    their prepared tiles (:class:`~geomed.ot.softmin.TileGeometry`), are kept between calls while they fit in
+    ``_CACHE_BYTES``. A call on the same points at the same ε as the previous one computes each row's logits minus
+    its previous log-sum-exp, inside the matrix product, and reduces them in two passes fewer
+    (:func:`geomed._spatial.shifted_logsumexp`); the rows whose log-sum-exp moved too far are recomputed.
     """
 
     name = "multiscale"
@@ -190,18 +194,31 @@ class RangeSoftmin(TiledSoftmin):
         self.pattern = pattern
         self.kept = pattern.kept
         self._groups = _plan_groups(pattern)
-        stacked = sum(len(group.chunks) * (group.width + 4 * group.rows) for group in self._groups)
-        self._cacheable = cache and stacked * 28 <= _CACHE_BYTES
-        self._cache_key: tuple | None = None
-        self._cache: list = []
+        stacked = sum(len(group.chunks) * group.width for group in self._groups)
+        rows = sum(len(group.chunks) * group.rows for group in self._groups)
+        self._cache_columns = cache and 4 * stacked <= _CACHE_BYTES
+        self._cache_tiles = cache and 4 * stacked + 20 * stacked + 20 * rows <= _CACHE_BYTES
+        self._columns: list | None = None
+        self._tiles_key: tuple | None = None
+        self._tiles: list = []
+        self._previous: tuple | None = None
 
     def stacked_tiles(self):
         """(rows (k, R), valid rows (k, R), columns (k, W), padding (k, W)) of every group, in turn; padded
         columns point at column ``n_cols``."""
+        if self._columns is not None:
+            yield from self._columns
+            return
+        columns = []
         for group in self._groups:
             rows, valid = _group_rows(group)
             cols, padding = _expand_group(self.pattern, group)
-            yield rows, valid, cols.masked_fill_(padding, self.pattern.n_cols), padding
+            tile = rows, valid, cols.masked_fill_(padding, self.pattern.n_cols), padding
+            if self._cache_columns:
+                columns.append(tile)
+            yield tile
+        if self._cache_columns:
+            self._columns = columns
 
     def tiles(self, b, n, m):
         for rows, valid, cols, padding in self.stacked_tiles():
@@ -211,23 +228,33 @@ class RangeSoftmin(TiledSoftmin):
     def _prepared(self, x, y):
         """(rows, valid, cols, tile geometry) of every group for the points x (1, N, D), y (1, M, D)."""
         key = (x.data_ptr(), y.data_ptr(), x._version, y._version, x.shape, y.shape, x.dtype)
-        if self._cacheable and self._cache_key == key:
-            return self._cache
+        if self._cache_tiles and self._tiles_key == key:
+            return self._tiles
         y_padded = torch.cat([y[0], y[0, :1]])
         prepared = ((rows, valid, cols, TileGeometry(x[0][rows], y_padded[cols], self.p))
                     for rows, valid, cols, _ in self.stacked_tiles())
-        if self._cacheable:
-            self._cache, self._cache_key = list(prepared), key
-            return self._cache
+        if self._cache_tiles:
+            self._tiles, self._tiles_key = list(prepared), key
+            return self._tiles
         return prepared
 
     def __call__(self, eps, x, y, h):
-        out = torch.empty(x.shape[:-1], dtype=x.dtype, device=x.device)
+        key = (x.data_ptr(), y.data_ptr(), x._version, y._version, x.shape, y.shape, eps)
+        previous = self._previous[1] if self._previous is not None and self._previous[0] == key else None
+        out = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
         h_padded = torch.cat([h[0], h.new_full((1,), -math.inf)])
         for rows, valid, cols, tile in self._prepared(x, y):
-            lse = tile_logsumexp(tile.logits(h_padded[cols], eps))
-            out[0, rows[valid]] = lse[valid]
-        return out.mul_(-eps)
+            h_tile = h_padded[cols]
+            if previous is None:
+                lse = tile_logsumexp(tile.logits(h_tile, eps))
+            else:
+                shift = previous[rows]
+                lse, served = shifted_logsumexp(tile.logits(h_tile, eps, shift), shift)
+                if not bool(served[valid].all()):
+                    lse = tile_logsumexp(tile.logits(h_tile, eps))
+            out[rows[valid]] = lse[valid]
+        self._previous = (key, out.clone())
+        return out.mul_(-eps).unsqueeze(0)
 
     def average(self, eps, x, y, h, softmin, values):
         out = torch.empty(*x.shape[:-1], values.shape[-1], dtype=x.dtype, device=x.device)
@@ -235,8 +262,8 @@ class RangeSoftmin(TiledSoftmin):
         h_padded = torch.cat([h[0], h.new_full((1,), -math.inf)])
         values_padded = torch.cat([values[0], values.new_zeros(1, values.shape[-1])])
         for rows, valid, cols, tile in self._prepared(x, y):
-            logits = tile.logits(h_padded[cols], eps)
-            out[0, rows[valid]] = tile_average(logits, lse[rows], values_padded[cols])[valid]
+            logits = tile.logits(h_padded[cols], eps, lse[rows])
+            out[0, rows[valid]] = tile_average(logits, None, values_padded[cols])[valid]
         return out
 
 

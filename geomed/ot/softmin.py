@@ -91,25 +91,33 @@ class TileGeometry:
         self.p = p
         if p == 2:
             center = x.mean(-2, keepdim=True)
-            self.x_centred, y_centred = x - center, y - center
-            ones = torch.ones(*y_centred.shape[:-1], 1, dtype=y_centred.dtype, device=y_centred.device)
-            self.y_augmented_t = torch.cat([y_centred, ones], -1).transpose(-1, -2)
+            self.x_centred = x - center
+            augmented = torch.empty(*y.shape[:-1], y.shape[-1] + 1, dtype=y.dtype, device=y.device)
+            y_centred = torch.sub(y, center, out=augmented[..., :-1])
+            augmented[..., -1] = 1.0
+            self.y_augmented_t = augmented.transpose(-1, -2)
             self.y_half_squares = (y_centred * y_centred).sum(-1).div_(2)
             self.eps, self.x_augmented = None, None
         else:
             self.x, self.y = x, y
 
-    def logits(self, h: torch.Tensor, eps: float) -> torch.Tensor:
-        """h_j − C(x_i, y_j)/ε → a fresh (n, m) or (k, n, m) tensor."""
+    def logits(self, h: torch.Tensor, eps: float, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """h_j − C(x_i, y_j)/ε − shift_i → a fresh (n, m) or (k, n, m) tensor; ``shift`` (n,) or (k, n), default 0,
+        rides in the matrix product (no extra pass)."""
         if self.p != 2:
             distance = torch.cdist(self.x, self.y, compute_mode="donot_use_mm_for_euclid_dist")
-            return distance.div_(-eps).add_(h.unsqueeze(-2))
+            distance = distance.div_(-eps).add_(h.unsqueeze(-2))
+            return distance if shift is None else distance.sub_(shift.unsqueeze(-1))
         if self.eps != eps:
             half_squares = (self.x_centred * self.x_centred).sum(-1, keepdim=True).div_(-2 * eps)
             self.eps, self.x_augmented = eps, torch.cat([self.x_centred / eps, half_squares], -1)
+        rows = self.x_augmented
+        if shift is not None:
+            rows = rows.clone()
+            rows[..., -1] -= shift
         columns = (h - self.y_half_squares / eps).unsqueeze(-2)
         product = torch.baddbmm if self.x_centred.dim() == 3 else torch.addmm
-        return product(columns, self.x_augmented, self.y_augmented_t)
+        return product(columns, rows, self.y_augmented_t)
 
 
 Tile = tuple[slice, "slice | torch.Tensor"]
