@@ -90,7 +90,8 @@ def solve_tensors(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, beta: t
         problem = Problem(p=p, blur=blur, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
                           max_iter=max_iter, schedule=EpsilonSchedule(diameter, blur, p, scaling))
         if grid is not None:
-            pyramid = GridPyramid(x, y, alpha.detach(), beta.detach(), grid.shape, grid.spacing, problem.damping)
+            pyramid = GridPyramid(x, y, alpha.detach(), beta.detach(), grid.shape, grid.spacing, problem.damping,
+                                  problem=problem, on_support=isinstance(grid, SharedGrid))
             item = _solve_item(pyramid, x, y, alpha, beta, problem)
             items = [grid.restrict(item) if isinstance(grid, SharedGrid) else item]
         elif name == "multiscale":
