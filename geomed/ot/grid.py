@@ -63,7 +63,7 @@ from .result import SolvedItem
 from .schedule import EpsilonSchedule, level_for
 from .solver import sinkhorn_loop
 
-_TILE_ENTRIES = 2**24
+_TILE_ENTRIES = 2**19  # 4 MB of float64: the passes over a tile of exponentials stay in the CPU's cache
 _GPU_TILE_ENTRIES = 2**27
 _BOUND = 200.0
 _CLAMP = -460.0
@@ -349,10 +349,11 @@ def axis_logsumexp(field: torch.Tensor, axis: int, kernel: AxisKernel) -> torch.
     lines = field.reshape(before, length, after)
     blocks, size = kernel.matrices.shape[:2]
     budget = _GPU_TILE_ENTRIES if field.is_cuda else _TILE_ENTRIES
-    chunk = max(1, budget // (blocks * length * after))
-    parts = [_blocked_products(lines[start : start + chunk], kernel.shifts, kernel.matrices)
-             for start in range(0, before, chunk)]
-    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    width = min(after, max(1, budget // (blocks * length)))
+    chunk = max(1, budget // (blocks * length * width))
+    parts = [[_blocked_products(lines[start : start + chunk, :, column : column + width], kernel.shifts, kernel.matrices)
+              for column in range(0, after, width)] for start in range(0, before, chunk)]
+    out = _concatenate([_concatenate(row, 2) for row in parts], 0)
     out = out.add_(kernel.offsets.unsqueeze(-1))
     if kernel.take is not None:
         out = out.index_select(1, kernel.take)
@@ -395,6 +396,10 @@ class AxisKernel:
             take = (torch.arange(len(rows)) + torch.repeat_interleave(torch.arange(len(starts)) * size - starts,
                                                                        counts)).to(device)
         return cls(len(rows), shifts.to(device), matrices.to(device), offsets.to(device), take)
+
+
+def _concatenate(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _blocked_products(lines: torch.Tensor, shift: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
