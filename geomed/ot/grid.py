@@ -517,7 +517,9 @@ class _SupportPlan:
         if key not in self._counts:
             points = self._rows if side == "rows" else self._cols
             extents = [int(points[:, k].max()) + 1 for k in axes]
-            self._counts[key] = len(torch.unique(_ravel(points[:, list(axes)], extents))) if axes else 1
+            occupied = torch.zeros(math.prod(extents), dtype=torch.bool)
+            occupied[_ravel(points[:, list(axes)], extents)] = True
+            self._counts[key] = int(occupied.sum())
         return self._counts[key]
 
     def _on(self, order: tuple[int, ...], device: torch.device) -> tuple[list[_Pass], torch.Tensor | None,
