@@ -16,9 +16,14 @@ Memory model (float32, D = 3, int32 indices)
     width and its place in the group plan) — O(N + kept ranges);
     working, per call: one group, ≤ 2²² entries × 4 bytes of logits plus ≈ 30 bytes per stacked column (its index,
     gathered point, h and padding flag), ≈ 20 MB;
-    cached, per softmin: the expanded column indices of every group (4 bytes per stacked column) while they fit in
-    ``_CACHE_BYTES`` (64 MB) — on the refined patterns of the final blur, where most iterations run, this saves the
-    expansion; beyond it they are expanded at every call.
+    cached, per softmin (``cache=True``: the refined patterns of the final blur, where most iterations run):
+    the expanded column indices of every group (4 bytes per stacked column) and, if they fit too, its prepared
+    tiles (≈ 20 bytes more per stacked column and per row), while they fit in ``_CACHE_BYTES`` (128 MB) — this
+    saves a third of an iteration (100k cube: 0.83 → 0.54 s); beyond it (1M points: ≈ 1 GB of indices per
+    problem) they are rebuilt at every call, and memory stays O(N + kept ranges).
+
+Measured (peak resident memory of one fwd+bwd call at blur 1% of the diameter, float32, 2 cores, including
+≈ 520 MB of interpreter and libraries): 100k uniform cube 0.5 GB, 100k tibia voxels 0.7 GB, 1M cube 1.4 GB.
 """
 
 from __future__ import annotations

@@ -176,6 +176,9 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
         error = max(cross_error, symmetric_error if debias else 0.0)
         iterations += 1
         converged = tol is not None and error < tol
+        if iterations % 10 == 0:
+            logger.debug("final blur: iteration %d, marginal error %.3g (debiasing problems %.3g), ω = %.3f, %.1f s",
+                         iterations, cross_error, symmetric_error, omega, time.perf_counter() - start)
     step_record("final-blur", eps, iterations, start)
     if tol is not None and not converged:
         logger.warning("Sinkhorn did not converge: marginal error %.2g > tol=%g after max_iter=%d iterations at the "
