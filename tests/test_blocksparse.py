@@ -78,10 +78,10 @@ def _brute_softmin(x, y, h, eps, mask):
     return -eps * torch.logsumexp(logits.masked_fill(~mask, -math.inf), -1), logits.masked_fill(~mask, -math.inf)
 
 
-@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("cache_bytes", [0, 2**30])
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10**6), eps=st.floats(0.05, 5.0))
-def test_range_softmin_and_averages_equal_brute_force_on_the_kept_entries(cache, seed, eps):
+def test_range_softmin_and_averages_equal_brute_force_on_the_kept_entries(cache_bytes, seed, eps):
     generator = torch.Generator().manual_seed(seed)
     n, m = 53, 41
     pattern, *_ = _random_pattern(seed, n, m, chunk_rows=8, density=0.3, gap=2)
@@ -89,7 +89,7 @@ def test_range_softmin_and_averages_equal_brute_force_on_the_kept_entries(cache,
     y = torch.randn(1, m, 3, dtype=torch.float64, generator=generator)
     h = torch.randn(1, m, dtype=torch.float64, generator=generator)
     values = torch.randn(1, m, 2, dtype=torch.float64, generator=generator)
-    softmin = RangeSoftmin(2, pattern, cache=cache)
+    softmin = RangeSoftmin(2, pattern, cache_bytes=cache_bytes)
     expected, logits = _brute_softmin(x[0], y[0], h[0], eps, _mask(pattern))
     first = softmin(eps, x, y, h)
     torch.testing.assert_close(first[0], expected, rtol=1e-10, atol=1e-10)

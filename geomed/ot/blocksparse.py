@@ -16,11 +16,12 @@ Memory model (float32, D = 3, int32 indices)
     width and its place in the group plan) — O(N + kept ranges);
     working, per call: one group, ≤ 2²² entries × 4 bytes of logits plus ≈ 30 bytes per stacked column (its index,
     gathered point, h and padding flag), ≈ 20 MB;
-    cached, per softmin (``cache=True``: the refined patterns of the final blur, where most iterations run):
-    the expanded column indices of every group (4 bytes per stacked column) and, if they fit too, its prepared
-    tiles (≈ 20 bytes more per stacked column and per row), while they fit in ``_CACHE_BYTES`` (128 MB) — this
-    saves a third of an iteration (100k cube: 0.83 → 0.54 s); beyond it (1M points: ≈ 1 GB of indices per
-    problem) they are rebuilt at every call, and memory stays O(N + kept ranges).
+    cached, per softmin given a ``cache_bytes`` budget (the refined patterns of the final blur, where most
+    iterations run): the expanded column indices of every group (4 bytes per stacked column) and, if they fit
+    too, its prepared tiles (≈ 20 bytes more per stacked column and per row) — this saves a third of an
+    iteration (100k cube: 0.83 → 0.54 s); beyond the budget (1M points: ≈ 1 GB of indices per problem) they are
+    rebuilt at every call, and memory stays O(N + kept ranges). :mod:`geomed.ot.multiscale` gives each solve's
+    two cross problems 128 MB each.
 
 Measured (peak resident memory of one fwd+bwd call at blur 1% of the diameter, float32, 2 cores, including
 ≈ 520 MB of interpreter and libraries): 100k uniform cube 0.5 GB, 100k tibia voxels 0.7 GB, 1M cube 1.4 GB.
@@ -38,7 +39,6 @@ from .softmin import TiledSoftmin, TileGeometry
 
 _GROUP_ENTRIES = 2**22
 _WIDTH_GROWTH = 1.5
-_CACHE_BYTES = 128 * 2**20
 
 
 @dataclass(eq=False)
@@ -184,25 +184,25 @@ class RangeSoftmin(TiledSoftmin):
     """The softmin (and soft averages) of one problem over a :class:`RangePattern` (batch of one, B = 1).
 
     Each group's column indices point padding at a last, extra column (h = −∞ there), so that one gather gives
-    the padded h. With ``cache=True`` (the refined patterns of the final blur, which serve many iterations on the
-    same points — the solver changes only h between them) the groups' expanded column indices, and if they fit
-    their prepared tiles (:class:`~geomed.ot.softmin.TileGeometry`), are kept between calls while they fit in
-    ``_CACHE_BYTES``. A call on the same points at the same ε as the previous one computes each row's logits minus
+    the padded h. Within a ``cache_bytes`` budget (given to the refined patterns of the final blur, which serve
+    many iterations on the same points — the solver changes only h between them) the groups' expanded column
+    indices, and if they fit too their prepared tiles (:class:`~geomed.ot.softmin.TileGeometry`), are kept
+    between calls. A call on the same points at the same ε as the previous one computes each row's logits minus
     its previous log-sum-exp, inside the matrix product, and reduces them in two passes fewer
     (:func:`geomed._spatial.shifted_logsumexp`); the rows whose log-sum-exp moved too far are recomputed.
     """
 
     name = "multiscale"
 
-    def __init__(self, p: int, pattern: RangePattern, cache: bool = False):
+    def __init__(self, p: int, pattern: RangePattern, cache_bytes: int = 0):
         super().__init__(p)
         self.pattern = pattern
         self.kept = pattern.kept
         self._groups = _plan_groups(pattern)
         stacked = sum(len(group.chunks) * group.width for group in self._groups)
         rows = sum(len(group.chunks) * group.rows for group in self._groups)
-        self._cache_columns = cache and 4 * stacked <= _CACHE_BYTES
-        self._cache_tiles = cache and 4 * stacked + 20 * stacked + 20 * rows <= _CACHE_BYTES
+        self._cache_columns = 4 * stacked <= cache_bytes
+        self._cache_tiles = 4 * stacked + 20 * stacked + 20 * rows <= cache_bytes
         self._columns: list | None = None
         self._tiles_key: tuple | None = None
         self._tiles: list = []

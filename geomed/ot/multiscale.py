@@ -40,8 +40,8 @@ Refinement at the final blur
     against the per-column work of each chunk (index expansion, gathers): on a 100k cube one final iteration
     takes 0.78 s with 16 rows, 0.54 s with 32, 0.67 s with 64. It costs about one softmin on the cluster
     pattern, so it is done once, at the final blur; the refined softmins keep their column indices and tiles'
-    geometry (:class:`~geomed.ot.softmin.TileGeometry`) between iterations while they fit in the cache budget
-    of :mod:`geomed.ot.blocksparse`.
+    geometry (:class:`~geomed.ot.softmin.TileGeometry`) between iterations within ``_CACHE_BYTES`` (256 MB
+    per solve, shared by the two cross problems; the symmetric ones converge in a few iterations).
 Block-sparse softmin
     Rows (in Morton order) are grouped by cluster into blocks of ≈64; a block meets the union of the columns kept
     for its clusters. Blocks are sorted by width and stacked, padded, into groups of ≈4·10⁶ entries, each one
@@ -71,6 +71,7 @@ _MAX_COARSEST = 1000
 _BLOCK_ROWS = 64
 _REFINED_ROWS = 32
 _REFINED_GAP = 4
+_CACHE_BYTES = 256 * 2**20
 _BLOCK_COLS = 8192
 
 
@@ -344,13 +345,15 @@ class Multiscale:
             return
         self.patterns = None  # the final blur is reached: no re-truncation from cluster pairs any more
         for name, rows, cols, i, j in self._names():
+            cache_bytes = _CACHE_BYTES // 2 if name in ("xy", "yx") else 0
             self.softmins[name] = _refine(self.softmins[name], eps, self._side(rows).points[0],
-                                          self._side(cols).points[0], potentials[i][0], potentials[j][0])
+                                          self._side(cols).points[0], potentials[i][0], potentials[j][0],
+                                          cache_bytes)
         self._refined_at = eps
 
 
 def _refine(softmin: RangeSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
-            g: torch.Tensor) -> RangeSoftmin:
+            g: torch.Tensor, cache_bytes: int) -> RangeSoftmin:
     """Cut each chunk of a block-sparse softmin on the input points into chunks of ``_REFINED_ROWS`` rows, each keeping the
     columns j with C(x_i, y_j) − f_i − g_j ≤ τε for some row i of it (and each row's best column), as ranges
     (runs separated by at most ``_REFINED_GAP`` columns merged).
@@ -381,4 +384,4 @@ def _refine(softmin: RangeSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor,
         pieces.append(runs_to_pattern(keep[present], cols[tile_of], first[present], last[present],
                                       pattern.n_rows, pattern.n_cols, gap=_REFINED_GAP))
     refined = concatenate(pieces)
-    return RangeSoftmin(softmin.p, refined, cache=True)
+    return RangeSoftmin(softmin.p, refined, cache_bytes=cache_bytes)
