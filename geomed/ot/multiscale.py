@@ -43,10 +43,11 @@ Refinement at the final blur
     geometry (:class:`~geomed.ot.softmin.TileGeometry`) between iterations within ``_CACHE_BYTES`` (256 MB
     per solve, shared by the two cross problems; the symmetric ones converge in a few iterations).
 Block-sparse softmin
-    Rows (in Morton order) are grouped by cluster into blocks of ≈64; a block meets the union of the columns kept
-    for its clusters. Blocks are sorted by width and stacked, padded, into groups of ≈4·10⁶ entries, each one
-    batched ``baddbmm`` plus one exponential pass (:func:`geomed.ot.softmin.tile_logits`). The kept fraction of
-    the N × M cost matrix is recorded in the schedule.
+    Rows (in Morton order) are grouped by cluster into blocks of ≤ 256 (``_BLOCK_ROWS``); a block meets the
+    union of the columns kept for its clusters, as ranges (:mod:`geomed.ot.blocksparse`). Blocks of 256 rows
+    trade a few more entries for fewer stacked columns to expand and gather at every call than blocks of 64
+    (10k tibia voxels 3.4 → 2.5 s fwd+bwd, 100k cube 35.1 → 28.6 s, same values; 512 rows: 100k cube 35.5 s).
+    The kept fraction of the N × M cost matrix is recorded in the schedule.
 
 Batches are solved item by item (each item has its own clusters); results are stacked.
 """
@@ -68,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 _TRUNCATION = 8.0
 _MAX_COARSEST = 1000
-_BLOCK_ROWS = 64
+_BLOCK_ROWS = 256
 _REFINED_ROWS = 32
 _REFINED_GAP = 4
 _CACHE_BYTES = 256 * 2**20
