@@ -60,7 +60,9 @@ import torch
 # The memory model of a geomed solve, restating that of geomed/ot/blocksparse.py's module docstring (persistent
 # memory O(N + kept ranges), one group of a block-sparse softmin at a time):
 #     model_mb = baseline_mb + (N + M) * BYTES_PER_POINT / 2**20 + pattern_mb + WORKING_MB.
-# The two numbers are to be adjusted once measured.
+# It leaves out the refined softmins' cache (≤ 256 MB per solve, as much as the final pattern needs). Measured
+# (issue #20's run, benchmarks/results/README.md): 1M cube peak 1384 MB, model 1359 MB; at 100k the peaks lie
+# 70–300 MB above the model, the cache's share; at 10k within 40 MB of it.
 BYTES_PER_POINT = 400
 WORKING_MB = 100
 
