@@ -1,6 +1,6 @@
 """Validation of the longitudinal atrophy pipeline (``geomed.study``) against the exact truth of a synthetic cohort.
 
-``datasets.synthetic_cohort`` writes real anatomy (left hippocampi of the Allen brain donors, the MNI lateral
+``geomed.synthetic_cohort.synthetic_cohort`` writes real anatomy (left hippocampi of the Allen brain donors, the MNI lateral
 ventricles, the knees' femoral cartilage, the LV myocardium) changed by a known smooth contraction each year, with a
 random rigid repositioning and a 0.1 mm RMS boundary jitter at every scan and a same-day rescan of the baseline;
 ``run_study`` measures every consecutive interval both ways; ``SyntheticCohort.validate`` compares each with the
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from geomed import __version__, datasets
-from geomed._synthetic_cohort import STRUCTURES
+from geomed.synthetic_cohort import STRUCTURES, synthetic_cohort
 from geomed.study import run_study
 
 GROUPS = ("control", "patient")
@@ -189,8 +189,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="atrophy-validation-") as temporary:
         work = args.work or Path(temporary)
         start = time.perf_counter()
-        cohort = datasets.synthetic_cohort(work / "cohort", subjects_per_group=args.subjects,
-                                           structures=tuple(args.structures), seed=args.seed)
+        cohort = synthetic_cohort(work / "cohort", subjects_per_group=args.subjects,
+                                  structures=tuple(args.structures), seed=args.seed)
         cohort_seconds = time.perf_counter() - start
         statuses: Counter[str] = Counter()
         result = run_study(cohort.table, work / "study", workers=args.workers, report=False,

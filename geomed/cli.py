@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_study_commands(commands) -> None:
-    from ._synthetic_cohort import STRUCTURES
+    from .synthetic_cohort import STRUCTURES
 
     demo = commands.add_parser("demo", help="the main job: a longitudinal atrophy study on a synthetic cohort",
                                description=_DEMO_HELP, epilog=_DEMO_EPILOG,
@@ -232,13 +232,14 @@ def _run_study(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .study import run_study
+    from .synthetic_cohort import synthetic_cohort
 
     if args.subjects < 1:
         raise ValueError(f"--subjects must be at least 1, got {args.subjects}")
     args.output.mkdir(parents=True, exist_ok=True)
     print(f"writing the synthetic cohort to {args.output / 'cohort'}", file=sys.stderr)
-    cohort = datasets.synthetic_cohort(args.output / "cohort", subjects_per_group=args.subjects,
-                                       structures=tuple(args.structures), seed=args.seed)
+    cohort = synthetic_cohort(args.output / "cohort", subjects_per_group=args.subjects,
+                              structures=tuple(args.structures), seed=args.seed)
     result = run_study(cohort.table, args.output, scheduler=args.scheduler, workers=args.workers)
     validation = cohort.validate(result.changes)
     with atomic_path(args.output / "validation.csv") as temporary:

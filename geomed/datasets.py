@@ -178,10 +178,8 @@ def attribution() -> str:
     return _data_file("README.md").read_text(encoding="utf-8")
 
 
-from ._synthetic_cohort import SyntheticCohort, synthetic_cohort  # noqa: E402  (it loads the shapes above)
-
 __all__ = [
-    "BRAIN_DONORS", "FEMURS", "HEART_PARTS", "KNEES", "SyntheticCohort", "attribution", "available", "brain_donors",
+    "BRAIN_DONORS", "FEMURS", "HEART_PARTS", "KNEES", "attribution", "available", "brain_donors",
     "brain_label_names", "brain_labels", "femur", "heart_myocardium", "knee_labels", "mni_hippocampi",
-    "mni_lateral_ventricles", "synthetic_cohort",
+    "mni_lateral_ventricles",
 ]

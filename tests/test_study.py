@@ -16,6 +16,7 @@ import pytest
 
 from geomed import datasets
 from geomed.study import StudyParameters, read_study_table, run_study
+from geomed.synthetic_cohort import synthetic_cohort
 
 _COMPARED = ["subject", "structure", "from_timepoint", "to_timepoint", "direct_percent", "registration_percent",
              "forward_percent", "backward_percent", "consistency_pp"]
@@ -24,8 +25,8 @@ _COMPARED = ["subject", "structure", "from_timepoint", "to_timepoint", "direct_p
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Four subjects (two per group), one hippocampus interval each: small enough to run several times."""
-    return datasets.synthetic_cohort(tmp_path_factory.mktemp("cohort"), subjects_per_group=2,
-                                     structures=("hippocampus",), years=(0.0, 1.0), rescan=False, seed=5)
+    return synthetic_cohort(tmp_path_factory.mktemp("cohort"), subjects_per_group=2,
+                            structures=("hippocampus",), years=(0.0, 1.0), rescan=False, seed=5)
 
 
 @pytest.fixture(scope="module")

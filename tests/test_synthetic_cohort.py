@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from geomed import Mesh, datasets, mask_to_mesh
-from geomed._synthetic_cohort import _contraction, _focus, _rescanned
+from geomed.synthetic_cohort import _contraction, _focus, _rescanned, synthetic_cohort
 from geomed.io import read_mesh
 from geomed.morphometry import volume
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return datasets.synthetic_cohort(tmp_path_factory.mktemp("cohort"), subjects_per_group=1,
-                                     structures=("hippocampus", "lv_myocardium"), years=(0.0, 1.0, 2.5), seed=3)
+    return synthetic_cohort(tmp_path_factory.mktemp("cohort"), subjects_per_group=1,
+                            structures=("hippocampus", "lv_myocardium"), years=(0.0, 1.0, 2.5), seed=3)
 
 
 def _rows(path):
@@ -64,8 +64,8 @@ def test_rescan_moves_and_jitters_the_shape_but_not_its_volume(cohort):
 
 def test_same_seed_writes_the_same_cohort(tmp_path):
     def digest(folder):
-        made = datasets.synthetic_cohort(folder, subjects_per_group=1, structures=("hippocampus",), years=(0, 1),
-                                         rescan=False, seed=11)
+        made = synthetic_cohort(folder, subjects_per_group=1, structures=("hippocampus",), years=(0, 1),
+                                rescan=False, seed=11)
         return {row["path"]: hashlib.sha256((made.folder / row["path"]).read_bytes()).hexdigest()
                 for row in _rows(made.table)}
 
@@ -121,4 +121,4 @@ def test_rescanned_noise_is_volume_neutral_and_of_the_asked_size():
 ])
 def test_bad_arguments_are_named(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=message):
-        datasets.synthetic_cohort(tmp_path, **arguments)
+        synthetic_cohort(tmp_path, **arguments)

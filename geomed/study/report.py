@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import __version__
-from ._files import atomic_path, file_stem
-from .io import read_mesh
-from .plotting import plot_surface
+from .. import __version__
+from .._files import atomic_path, file_stem
+from ..io import read_mesh
+from ..plotting import plot_surface
 
 logger = logging.getLogger(__name__)
 

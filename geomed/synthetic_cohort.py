@@ -1,4 +1,4 @@
-r"""A synthetic longitudinal cohort on real anatomy, with exactly known volume change (``datasets.synthetic_cohort``).
+r"""A synthetic longitudinal cohort on real anatomy, with exactly known volume change (:func:`synthetic_cohort`).
 
 No public data set scans the same subject twice, so change is simulated on the real shapes shipped with geomed:
 left hippocampi of the six Allen brain donors, the lateral ventricles of the MNI template, the femoral cartilage
