@@ -1,4 +1,4 @@
-"""Subjects as Dask tasks: an in-process cluster on loopback by default, or an existing ``dask.distributed``
+"""Subjects as Dask tasks: an in-process cluster by default, or an existing ``dask.distributed``
 scheduler; each subject saved as soon as it finishes."""
 
 from __future__ import annotations
