@@ -10,6 +10,9 @@ Meshes
     reads geomed's files in place.
 
 Writes are atomic: a file (or DICOM folder) appears complete under its name, or not at all.
+
+For applications that hold vtk objects themselves (the 3D Slicer module): :func:`mesh_to_polydata` and
+:func:`polydata_to_mesh` convert in memory, with point data; :func:`file_stem` makes a name safe as a file name.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from vtkmodules.vtkIOLegacy import vtkPolyDataReader, vtkPolyDataWriter, vtkUnst
 from vtkmodules.vtkIOPLY import vtkPLYReader, vtkPLYWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader, vtkXMLPolyDataWriter
 
-from ._files import atomic_path, file_suffix
+from ._files import atomic_path, file_stem, file_suffix
 from ._integrity import check_nifti_complete, check_ply_complete
 from ._vtk import VTKError, captured_vtk_errors, mesh_to_polydata, polydata_to_mesh
 from .image import Image

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geomed._files import file_stem
+from geomed.io import file_stem
 
 from .nodes import (add_grid_transform, add_histogram_plot, add_linear_transform, add_model, add_table,
                     image_from_segment, image_from_volume, mesh_from_model, save_node)

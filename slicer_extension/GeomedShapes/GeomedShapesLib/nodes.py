@@ -17,8 +17,7 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkFiltersCore import vtkTriangleFilter
 
 from geomed import Image, Mesh
-from geomed._files import file_stem
-from geomed._vtk import mesh_to_polydata, polydata_to_mesh
+from geomed.io import file_stem, mesh_to_polydata, polydata_to_mesh
 
 DIVERGING_COLORS = "GeomedDivergingBlueRed"
 _FILE_SUFFIXES = {"vtkMRMLModelNode": ".vtk", "vtkMRMLTransformNode": ".h5", "vtkMRMLTableNode": ".csv"}
