@@ -24,7 +24,8 @@ Memory model (float32, D = 3, int32 indices)
     two cross problems 128 MB each.
 
 Measured (peak resident memory of one fwd+bwd call at blur 1% of the diameter, float32, 2 cores, including
-≈ 520 MB of interpreter and libraries): 100k uniform cube 0.5 GB, 100k tibia voxels 0.7 GB, 1M cube 1.4 GB.
+≈ 250 MB of interpreter, libraries and inputs; ``benchmarks/sinkhorn.py``): 100k points 0.51–0.73 GB on a
+uniform cube, femur surfaces and tibia voxels, 1M cube 1.38 GB.
 """
 
 from __future__ import annotations
