@@ -33,10 +33,11 @@ import numpy as np
 from . import datasets
 from ._files import atomic_path
 from .image import Image
-from .io import write_mesh
+from .io import write_image, write_mesh
 from .mesh import Mesh
 from .morphometry import enclosed_volume, volume
 from .surface import mask_to_mesh, smooth_mesh
+from .voxelize import mesh_to_partial_volume
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,22 @@ _TRANSLATION_SD_MM = 2.0
 _JITTER_PATCH_MM = 6.0
 _CARTILAGE_SPACING_MM = 0.7
 _SMOOTHING = 150
+SCANS = ("mesh", "label_map", "probability")
+LABEL_IDS = {"hippocampus": 17, "lateral_ventricles": 4, "femoral_cartilage": 2, "lv_myocardium": 205}
+# Image scans: voxel size (mm) and base axes (columns, RAS) per anatomy. Brains: 1 mm axial grids; knees: the
+# sagittal 0.365 × 0.365 × 0.7 mm grids of the shipped knee MRIs, tilted 8° (oblique); hearts: 1.25 mm isotropic,
+# as cardiac CT and 3-D whole-heart MR (short-axis cine stacks with 8 mm slices would not resolve a 2.5% change).
+_TILT = np.radians(8.0)
+IMAGE_GRIDS = {
+    "brain": ((1.0, 1.0, 1.0), np.eye(3)),
+    "knee": ((0.365, 0.365, 0.7), np.array([[-np.sin(_TILT), 0.0, np.cos(_TILT)], [-np.cos(_TILT), 0.0, -np.sin(_TILT)],
+                                            [0.0, -1.0, 0.0]])),
+    "heart": ((1.25, 1.25, 1.25), np.eye(3)),
+}
+_GRID_ROTATION_SD_DEG = 3.0
+_GRID_MARGIN_VOXELS = 4
+_PROBABILITY_STEEPNESS = 8.0
+_SUB_COLUMN_MM = 0.125  # partial volume: sub-columns at most this far apart across the sampling lines
 
 
 @dataclass(frozen=True)
@@ -85,25 +102,38 @@ class SyntheticCohort:
         Returns
         -------
         pandas.DataFrame
-            One row per measured interval: ``subject, structure, group, from_timepoint, to_timepoint, rescan``,
-            ``true_percent`` (100·(V₁/V₀ − 1) of the written meshes), the measured ``direct_percent``,
+            One row per measured interval: ``subject, structure, group, from_timepoint, to_timepoint, rescan``
+            (``structure`` the simulated one, also where the table's ``label`` is a label id),
+            ``true_percent`` (100·(V₁/V₀ − 1) of the continuous shapes), the measured ``direct_percent``,
             ``registration_percent``, ``forward_percent``, ``backward_percent``, ``consistency_pp``, and
-            ``error_pp`` (registration − true) and ``direct_error_pp``.
+            ``error_pp`` (registration − true) and ``direct_error_pp``. For image scans also, each minus the truth
+            (pp): ``voxel_count_error_pp`` (the difference of the voxel counts of the label maps),
+            ``probability_sum_error_pp`` (of the probability maps' sums) and ``floor_error_pp`` (of the exact
+            volumes of the sampled, segmentation-noisy shapes: the noise floor).
         """
         import pandas as pd
 
-        truth = pd.read_csv(self.truth)
-        volumes = dict(zip(truth["path"], truth["volume_mm3"]))
-        missing = sorted((set(changes["from_path"]) | set(changes["to_path"])) - set(volumes))
+        truth = pd.read_csv(self.truth).set_index("path")
+        missing = sorted((set(changes["from_path"]) | set(changes["to_path"])) - set(truth.index))
         if missing:
             raise ValueError(f"changes name scans that are not in {self.truth}: {missing[:3]}")
         table = changes[["subject", "structure", "group", "from_timepoint", "to_timepoint", "rescan",
                          "direct_percent", "registration_percent", "forward_percent", "backward_percent",
                          "consistency_pp"]].copy()
-        table.insert(6, "true_percent", [100.0 * (volumes[b] / volumes[a] - 1.0)
-                                         for a, b in zip(changes["from_path"], changes["to_path"])])
+        table["structure"] = truth.loc[changes["from_path"], "structure"].to_numpy()
+
+        def percent(column: str) -> np.ndarray:
+            before = truth.loc[changes["from_path"], column].to_numpy(dtype=float)
+            return 100.0 * (truth.loc[changes["to_path"], column].to_numpy(dtype=float) / before - 1.0)
+
+        table.insert(6, "true_percent", percent("volume_mm3"))
         table["error_pp"] = table["registration_percent"] - table["true_percent"]
         table["direct_error_pp"] = table["direct_percent"] - table["true_percent"]
+        for column, name in (("voxel_count_mm3", "voxel_count_error_pp"),
+                             ("probability_sum_mm3", "probability_sum_error_pp"),
+                             ("segmented_volume_mm3", "floor_error_pp")):
+            if column in truth.columns:
+                table[name] = percent(column) - table["true_percent"]
         return table.reset_index(drop=True)
 
 
@@ -115,6 +145,8 @@ def synthetic_cohort(
     years: tuple[float, ...] = (0.0, 1.0, 2.0),
     rescan: bool = True,
     noise: float = 0.1,
+    scans: str = "mesh",
+    segmentation_noise: float = 0.0,
     seed: int = 0,
 ) -> SyntheticCohort:
     """Write a synthetic longitudinal cohort on real anatomy with exactly known volume change.
@@ -134,6 +166,18 @@ def synthetic_cohort(
         Add a same-day repeat of the baseline scan (true change 0: the rescan distribution).
     noise : float
         RMS of the boundary jitter of every scan along the normals (mm); 0 for none.
+    scans : {"mesh", "label_map", "probability"}
+        How each scan is written: the warped surface as a ``.vtp`` mesh; or the same continuous shape sampled with
+        its partial volume on a voxel grid repositioned at every scan (``IMAGE_GRIDS``: 1 mm brains, 0.365 × 0.365 ×
+        0.7 mm oblique knees, 1.25 mm hearts; rotated by ≈ 3° and shifted by a random fraction of a voxel) and
+        written as NIfTI: a **label map** (``LABEL_IDS[structure]`` where the partial volume is ≥ 0.5, uint8; the
+        table's ``label`` is that id) or a **probability map** (float32 in [0, 1]; the table's ``label`` names the
+        structure). The probability is a calibrated-looking, monotone function of the partial volume f, not f
+        itself: the logistic curve (σ(8(f − ½)) − σ(−4)) / (σ(4) − σ(−4)), 0 at f = 0, ½ at ½, 1 at 1, twice as
+        steep as f in the middle and flat near 0 and 1 (a segmenter sure of most voxels that the boundary cuts).
+    segmentation_noise : float
+        Image scans only: RMS (mm) of a smooth random displacement of the boundary along its normals (≈ 6 mm
+        patches) before sampling, as a segmenter's errors; unlike ``noise`` it changes the volume. 0 for none.
     seed : int
         Random seed: the same arguments write the same cohort.
 
@@ -144,7 +188,15 @@ def synthetic_cohort(
     Notes
     -----
     Annual rates per group are in ``ANNUAL_CHANGE`` (% volume per year); each subject's rate adds a normal subject
-    effect of SD 25% of the group's rate (at least 0.25 %/yr).
+    effect of SD 25% of the group's rate (at least 0.25 %/yr). The truth of every kind of scan is the volume of the
+    continuous shape: for meshes the enclosed volume of the warped, jittered mesh; for image scans the volume inside
+    it (the sum of its exact partial volumes on the scan's grid, to ~10⁻⁵: where the jitter folds the tapered rim of
+    a cartilage sheet over itself, the divergence theorem would count the fold twice, up to 10⁻³ of the volume).
+    Image scans of the same arguments and seed sample the same shapes on the same grids whichever their kind, so a
+    label-map and a probability cohort are two views of the same scans; their ``truth.csv`` adds
+    ``segmented_volume_mm3`` (the exact volume of what was sampled, after the segmentation noise: the noise floor),
+    ``voxel_count_mm3`` (voxels with partial volume ≥ 0.5: the label map's volume) and ``probability_sum_mm3`` (the
+    probability map's sum times the voxel volume). A knee scan takes about a second to sample, a brain's less.
     """
     unknown = sorted(set(structures) - set(STRUCTURES))
     if unknown or not structures:
@@ -156,11 +208,17 @@ def synthetic_cohort(
         raise ValueError(f"years must increase from 0 with at least two scans, got {years!r}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0 (mm), got {noise}")
+    if scans not in SCANS:
+        raise ValueError(f"scans must be one of {SCANS}, got {scans!r}")
+    if not segmentation_noise >= 0:
+        raise ValueError(f"segmentation_noise must be >= 0 (mm), got {segmentation_noise}")
+    if segmentation_noise > 0 and scans == "mesh":
+        raise ValueError("segmentation_noise applies to image scans (scans='label_map' or 'probability')")
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sources: dict[str, list[Mesh]] = {}
-    scans: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     for anatomy in ("brain", "knee", "heart"):
         chosen = [name for name in structures if ANATOMY[name] == anatomy]
         if not chosen:
@@ -174,18 +232,19 @@ def synthetic_cohort(
                     reused = number * len(GROUPS) + group_index >= len(shapes) or len(shapes) == 1
                     anatomy_mesh = _identity(shapes[index], rng) if reused else shapes[index]
                     rate = _subject_rate(ANNUAL_CHANGE[structure][group_index], rng)
-                    scans += _write_subject_structure(root, subject, group, structure, anatomy_mesh, rate, years,
-                                                      rescan, noise, rng)
+                    rows += _write_subject_structure(root, subject, group, structure, anatomy_mesh, rate, years,
+                                                     rescan, noise, rng, _Scanner(scans, ANATOMY[structure],
+                                                                                  segmentation_noise))
     table = root / "cohort.csv"
     _write_csv(table, ["subject", "timepoint", "path", "label", "group"],
-               [{key: scan[key] for key in ("subject", "timepoint", "path", "label", "group")} for scan in scans])
+               [{key: row[key] for key in ("subject", "timepoint", "path", "label", "group")} for row in rows])
     truth = root / "truth.csv"
-    _write_csv(truth, ["subject", "structure", "group", "timepoint", "path", "volume_mm3", "annual_rate_percent",
-                       "rescan"],
-               [{**{key: scan[key] for key in ("subject", "group", "timepoint", "path", "volume_mm3",
-                                               "annual_rate_percent", "rescan")}, "structure": scan["label"]}
-                for scan in scans])
-    logger.info("synthetic cohort: %d scans of %d structures in %s", len(scans), len(structures), root)
+    measured = [] if scans == "mesh" else ["segmented_volume_mm3", "voxel_count_mm3", "probability_sum_mm3"]
+    _write_csv(truth, ["subject", "structure", "group", "timepoint", "path", "volume_mm3", *measured,
+                       "annual_rate_percent", "rescan"],
+               [{key: row[key] for key in ("subject", "structure", "group", "timepoint", "path", "volume_mm3",
+                                           *measured, "annual_rate_percent", "rescan")} for row in rows])
+    logger.info("synthetic cohort: %d %s scans of %d structures in %s", len(rows), scans, len(structures), root)
     return SyntheticCohort(root, table, truth)
 
 
@@ -227,8 +286,8 @@ def _subject_rate(group_rate: float, rng: np.random.Generator) -> float:
 
 
 def _write_subject_structure(root: Path, subject: str, group: str, structure: str, anatomy: Mesh, rate: float,
-                             years: tuple[float, ...], rescan: bool, noise: float,
-                             rng: np.random.Generator) -> list[dict[str, object]]:
+                             years: tuple[float, ...], rescan: bool, noise: float, rng: np.random.Generator,
+                             scanner: _Scanner) -> list[dict[str, object]]:
     """Simulate and write one subject's scans of one structure; their rows for the tables."""
     vertices = anatomy.vertices
     focus = _focus(anatomy, rng)
@@ -245,13 +304,99 @@ def _write_subject_structure(root: Path, subject: str, group: str, structure: st
         amplitude = _amplitude_for(anatomy, focus, width, target)
         shape = Mesh(_contraction(vertices, focus, width, amplitude), anatomy.triangles)
         observed = _rescanned(shape, noise, rng)
-        name = f"{structure}_y{year:g}{'_rescan' if repeat else ''}.vtp"
-        with atomic_path(folder / name) as partial:
-            write_mesh(observed, partial)
-        rows.append({"subject": subject, "timepoint": year, "path": f"{subject}/{name}", "label": structure,
-                     "group": group, "volume_mm3": volume(observed), "annual_rate_percent": rate,
-                     "rescan": int(repeat)})
+        stem = f"{structure}_y{year:g}{'_rescan' if repeat else ''}"
+        name, label, measured = scanner.write(observed, folder, stem, structure, rng)
+        rows.append({"subject": subject, "timepoint": year, "path": f"{subject}/{name}", "label": label,
+                     "structure": structure, "group": group, "volume_mm3": volume(observed), **measured,
+                     "annual_rate_percent": rate, "rescan": int(repeat)})
     return rows
+
+
+@dataclass(frozen=True)
+class _Scanner:
+    """How one anatomy's scans are written: ``kind`` in ``SCANS``, its grid, and the segmentation noise (mm)."""
+
+    kind: str
+    anatomy: str
+    segmentation_noise: float
+
+    def write(self, shape: Mesh, folder: Path, stem: str, structure: str,
+              rng: np.random.Generator) -> tuple[str, str, dict[str, float]]:
+        """Write one scan of ``shape``: its file name, its table ``label`` and its measured volumes (mm³)."""
+        if self.kind == "mesh":
+            with atomic_path(folder / f"{stem}.vtp") as partial:
+                write_mesh(shape, partial)
+            return f"{stem}.vtp", structure, {}
+        affine, size = _scan_grid(shape, self.anatomy, rng)
+        supersampling = max(4, int(np.ceil(max(IMAGE_GRIDS[self.anatomy][0][:2]) / _SUB_COLUMN_MM)))
+        fractions = mesh_to_partial_volume(shape, affine, size, supersampling=supersampling).array
+        grid = Image(np.zeros((1, 1, 1), np.uint8), affine)
+        solid = float(fractions.sum()) * grid.voxel_volume
+        if self.segmentation_noise > 0:
+            segmented = _segmentation_error(shape, self.segmentation_noise, rng)
+            fractions = mesh_to_partial_volume(segmented, affine, size, supersampling=supersampling).array
+        probability = calibrated_probability(fractions).astype(np.float32)
+        measured = {"volume_mm3": solid, "segmented_volume_mm3": float(fractions.sum()) * grid.voxel_volume,
+                    "voxel_count_mm3": float(np.count_nonzero(fractions >= 0.5)) * grid.voxel_volume,
+                    "probability_sum_mm3": float(probability.sum(dtype=np.float64)) * grid.voxel_volume}
+        if self.kind == "label_map":
+            label = str(LABEL_IDS[structure])
+            write_image(Image(np.where(fractions >= 0.5, LABEL_IDS[structure], 0).astype(np.uint8), affine),
+                        folder / f"{stem}.nii.gz")
+        else:
+            label = structure
+            write_image(Image(probability, affine), folder / f"{stem}.nii.gz")
+        return f"{stem}.nii.gz", label, measured
+
+
+def calibrated_probability(fraction: np.ndarray) -> np.ndarray:
+    """The probability map of the synthetic image scans as a function of the partial volume f in [0, 1].
+
+    (σ(8(f − ½)) − σ(−4)) / (σ(4) − σ(−4)) with σ the logistic function: monotone, 0 at 0, ½ at ½ and 1 at 1,
+    symmetric (p(1 − f) = 1 − p(f)), slope 2.07 at ½ and 0.04 at 0 and 1 — what a segmenter trained on binary
+    labels gives (sure of most voxels the boundary cuts), not the fraction itself.
+
+    Parameters
+    ----------
+    fraction : array
+        Partial volumes in [0, 1], any shape.
+
+    Returns
+    -------
+    array
+        Probabilities, float64, the same shape.
+    """
+    steep = _PROBABILITY_STEEPNESS
+    low, high = 1.0 / (1.0 + np.exp(steep / 2)), 1.0 / (1.0 + np.exp(-steep / 2))
+    logistic = 1.0 / (1.0 + np.exp(-steep * (np.asarray(fraction, dtype=np.float64) - 0.5)))
+    return np.clip((logistic - low) / (high - low), 0.0, 1.0)
+
+
+def _scan_grid(shape: Mesh, anatomy: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A voxel grid around ``shape`` for one scan: the anatomy's spacing and axes (``IMAGE_GRIDS``) rotated by
+    ≈ ``_GRID_ROTATION_SD_DEG`` and shifted by a uniform random fraction of a voxel; (affine (4, 4), shape)."""
+    spacing, axes = IMAGE_GRIDS[anatomy]
+    spacing = np.asarray(spacing)
+    direction = _rotation(rng.normal(size=3) * np.radians(_GRID_ROTATION_SD_DEG)) @ axes
+    index = shape.vertices @ direction / spacing  # continuous indices on a grid with its origin at 0
+    first = np.floor(index.min(axis=0)) - _GRID_MARGIN_VOXELS - rng.uniform(size=3)
+    size = tuple(int(n) for n in np.ceil(index.max(axis=0) - first) + _GRID_MARGIN_VOXELS + 1)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing
+    affine[:3, 3] = direction @ (spacing * first)
+    return affine, size
+
+
+def _segmentation_error(mesh: Mesh, noise: float, rng: np.random.Generator) -> Mesh:
+    """The shape as a segmenter outlines it: its boundary moved along the normals by a smooth random field of RMS
+    ``noise`` mm over ≈ ``_JITTER_PATCH_MM`` patches (not volume-neutral: a segmenter's errors change volume)."""
+    vertices = mesh.vertices
+    patches = vertices[rng.integers(mesh.n_vertices, size=64)]
+    weights = np.exp(-((vertices[:, None, :] - patches[None]) ** 2).sum(-1) / _JITTER_PATCH_MM**2)
+    field = weights @ rng.normal(size=len(patches))
+    areas = mesh.vertex_areas()
+    field *= noise / max(float(np.sqrt(areas @ field**2 / areas.sum())), 1e-12)
+    return Mesh(vertices + field[:, None] * mesh.vertex_normals(), mesh.triangles)
 
 
 def _focus(mesh: Mesh, rng: np.random.Generator) -> np.ndarray:
