@@ -88,8 +88,10 @@ interval and annual rates per subject and group.
 
 TABLE is a CSV or Parquet file with columns subject, timepoint (years, or dates), path (mesh or label map,
 relative to the table's folder), and optionally label (structure; the label id or name for label maps) and group.
-Outputs in OUTPUT: scans/changes/rates/groups as .parquet and .csv, failures.csv, subjects/<id>/maps/*.vtp,
-figures/*.png and index.html. A re-run skips subjects already measured with the same files and parameters."""
+Outputs in OUTPUT: scans/changes/rates/groups as .parquet and .csv, failures.csv, warnings.csv,
+subjects/<id>/maps/*.vtp, figures/*.png and index.html. A re-run skips subjects already measured with the same
+files and parameters. A subject that cannot be measured (a bad row, file or surface) is listed in failures.csv
+with the reason and the exit status is 1; the others are measured. One study at a time per OUTPUT."""
 
 _STUDY_EPILOG = """\
 examples:
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``geomed`` command (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="geomed", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"geomed {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug, and tracebacks of errors)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     measure = commands.add_parser(
         "measure",
@@ -215,7 +217,11 @@ def _add_study_commands(commands) -> None:
 
 def _add_dask_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="a running dask.distributed scheduler, e.g. tcp://host:8786 (default: in-process)")
+                        help="a running dask.distributed scheduler, e.g. tcp://host:8786 (default: in-process, on "
+                             "loopback only). dask.distributed's protocol is unauthenticated: whoever reaches the "
+                             "scheduler can run code on its workers and read the data. Outside a trusted network "
+                             "use tls://host:8786 with Dask's TLS settings (distributed.comm.tls.* in the Dask "
+                             "configuration; see 'TLS/SSL' in the dask.distributed documentation)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="subjects measured at once in-process (default: 2, or 1 on one core)")
 
@@ -307,6 +313,9 @@ def _run_register(args: argparse.Namespace) -> int:
     from .registration import register
     from .surface import distance_to_surface
 
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a file; register writes warped.vtp, transform.h5 and "
+                         "registration.json into a folder")
     fixed = _read_surface(args.fixed, args.label, args.space)
     moving = _read_surface(args.moving, args.label, args.space)
     with tqdm(desc=f"{args.model} registration", unit="step", disable=None) as bar:
@@ -429,8 +438,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        parser.exit(2, f"geomed: error: {error}\n")
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
+        if args.verbose >= 2:
+            raise
+        parser.exit(2, f"geomed: error: {_one_line(error)}\n")
+    except Exception as error:  # a bug: still one line, the traceback on request
+        if args.verbose >= 2:
+            raise
+        parser.exit(2, f"geomed: error: {type(error).__name__}: {_one_line(error)} (run with -vv for the "
+                       "traceback)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (an OSError names its file)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

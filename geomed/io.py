@@ -35,7 +35,7 @@ from vtkmodules.vtkIOLegacy import vtkPolyDataReader, vtkPolyDataWriter, vtkUnst
 from vtkmodules.vtkIOPLY import vtkPLYReader, vtkPLYWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader, vtkXMLPolyDataWriter
 
-from ._files import atomic_path, file_stem, file_suffix
+from ._files import atomic_path, file_stem, file_suffix, readable_input
 from ._integrity import check_nifti_complete, check_ply_complete
 from ._vtk import VTKError, captured_vtk_errors, mesh_to_polydata, polydata_to_mesh
 from .image import Image
@@ -51,8 +51,7 @@ _SPACES = ("RAS", "LPS")
 
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+    readable_input(path)
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty")
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -72,16 +73,22 @@ def test_measure_user_label_map_and_mesh_to_json(tmp_path, capsys):
         (["measure", "--demo", "heart", "-o", "{tmp}/nowhere/out.csv"], "does not exist"),
         (["measure", "{tmp}/x.vtk", "--demo", "brain"], "not both"),
         (["measure", "--demo", "brain", "--labels", "left_hipocampus"], "unknown label name 'left_hipocampus'"),
+        (["register", "{tmp}/table.xlsx", "{tmp}/table.xlsx", "-o", "{tmp}/table.xlsx"],
+         "--output {tmp}/table.xlsx is a file"),
+        (["study", "{tmp}/missing.csv", "-o", "{tmp}/out"], "study table {tmp}/missing.csv does not exist"),
+        (["study", "{tmp}/table.xlsx", "-o", "{tmp}/out"], "expected a .csv, .tsv or .parquet"),
+        (["measure", "{tmp}/pipe.vtp"], "pipe.vtp: not a regular file or a DICOM series folder"),
     ],
 )
 def test_errors_exit_2_with_one_clear_line(tmp_path, capsys, arguments, message):
     (tmp_path / "table.xlsx").write_text("not a shape")
+    os.mkfifo(tmp_path / "pipe.vtp")  # reading it would wait forever for a writer
     with pytest.raises(SystemExit) as stop:
         main([a.format(tmp=tmp_path) for a in arguments])
     assert stop.value.code == 2
     error = capsys.readouterr().err
-    assert error.startswith("geomed: error:") and message in error
-    assert "Traceback" not in error
+    assert error.startswith("geomed: error:") and message.format(tmp=tmp_path) in error
+    assert "Traceback" not in error and error.count("\n") == 1
 
 
 def test_unknown_command_is_an_argparse_error(capsys):

@@ -1,5 +1,6 @@
-"""The longitudinal study pipeline: accuracy against the synthetic truth, Dask (embedded and a real loopback
-cluster), resuming after a kill, a corrupt subject, label-map inputs with dates, the report and bad tables."""
+"""The longitudinal study pipeline: accuracy against the synthetic truth on the embedded Dask cluster, resuming
+after a kill, a corrupt subject, label-map inputs with dates, the report and bad tables (a scheduler and worker
+processes: tests/test_study_distributed.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from geomed import datasets
 from geomed.study import StudyParameters, read_study_table, run_study
+from geomed.study.table import subject_problems
 from geomed.synthetic_cohort import synthetic_cohort
 
 _COMPARED = ["subject", "structure", "from_timepoint", "to_timepoint", "direct_percent", "registration_percent",
@@ -77,16 +79,6 @@ def test_report_html_shows_figures_that_exist(reference):
     assert "patient" in page and "95% CI" in page
 
 
-def test_study_runs_unchanged_on_a_loopback_cluster_of_two_workers(cohort, reference, tmp_path):
-    distributed = pytest.importorskip("dask.distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address="127.0.0.1:0") as cluster:
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
-        result = run_study(cohort.table, tmp_path, scheduler=cluster.scheduler_address, progress=False,
-                           report=False)
-    pd.testing.assert_frame_equal(_changes(result), _changes(reference))
-
-
 # A finished subject's folder; not the hidden ``.<subject>.*.partial`` one it is written in (pathlib's ``*`` matches
 # hidden names too, and the kill may land between writing result.json there and renaming the folder).
 _FINISHED = "[!.]*/result.json"
@@ -134,7 +126,7 @@ def test_a_corrupt_file_is_recorded_and_the_others_are_measured(cohort, tmp_path
     table.to_csv(tmp_path / "cohort.csv", index=False)
     result = run_study(tmp_path / "cohort.csv", tmp_path / "study", progress=False, report=False)
     assert result.failures["subject"].tolist() == ["brain-patient-02"]
-    assert "broken.vtp" in result.failures["error"].iloc[0]
+    assert result.failures["file"].iloc[0] == str(broken) and "broken.vtp" in result.failures["error"].iloc[0]
     assert sorted(result.changes["subject"]) == ["brain-control-01", "brain-control-02", "brain-patient-01"]
     failures = pd.read_csv(tmp_path / "study" / "failures.csv")
     assert failures["subject"].tolist() == ["brain-patient-02"]
@@ -160,21 +152,36 @@ def test_label_map_inputs_with_dates(tmp_path):
 @pytest.mark.parametrize(("content", "message"), [
     ("subject,path\ns1,a.vtp\n", r"lacks column\(s\) \['timepoint'\]"),
     ("subject,timepoint,path\n", "has no rows"),
-    ("subject,timepoint,path\n../up,0,a.vtp\n", "subject ids must be"),
-    ("subject,timepoint,path\ns1,soon,a.vtp\n", "timepoint must be years"),
-    ("subject,timepoint,path\ns1,0,a.vtp\ns1,1,a.vtp\n", "listed twice"),
+    ("subject,timepoint,path\n\"s1,0\n", "cannot be read"),
 ])
-def test_bad_tables_are_refused_with_the_reason(tmp_path, content, message):
+def test_tables_no_subject_can_be_measured_from_are_refused(tmp_path, content, message):
     path = tmp_path / "cohort.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_study_table(path)
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    ("subject,timepoint,path\n../up,0,a.vtp\n", "subject id '../up' is not 1 to 64"),
+    ("subject,timepoint,path\ns1,soon,a.vtp\n", "timepoint 'soon' is not a finite number of years"),
+    ("subject,timepoint,path\ns1,0,a.vtp\ns1,1,a.vtp\n", "a.vtp is listed again for this subject and label (first "
+                                                        "in row 1)"),
+    ("subject,timepoint,path\ns1,2020-01-01,a.vtp\ns1,1,b.vtp\n", "the subject's timepoints mix numbers and dates"),
+    ("subject,timepoint,path,label\ns1,0,a.vtp,left\x07\n", "label 'left\\x07' is not at most 64 printable"),
+])
+def test_problems_of_one_subjects_rows_are_named_per_row(tmp_path, content, problem):
+    path = tmp_path / "cohort.csv"
+    path.write_text(content)
+    table = read_study_table(path)
+    assert problem in table["problem"].iloc[-1]
+    assert subject_problems(table).startswith(f"row {table['row'].iloc[-1] if 'again' in problem else 1}: ")
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     ({"preset": "liver"}, "preset must be one of"),
     ({"max_distance": 0.0}, "max_distance must be a positive"),
     ({"method": "marching"}, "method must be one of"),
+    ({"max_hole_radius": -1.0}, "max_hole_radius must be a non-negative"),
 ])
 def test_bad_parameters_are_refused_before_any_work(arguments, message):
     with pytest.raises(ValueError, match=message):

@@ -32,15 +32,19 @@ Subjects run as Dask tasks: in-process by default, or on an existing ``dask.dist
 (``scheduler="tcp://host:8786"``; its workers must have geomed and see the input paths). A subject's results are
 written as soon as it finishes, atomically, under ``output/subjects/<subject>``, keyed by the hash of its input
 files, table rows and parameters: a re-run (after a crash, a kill or a new subject) skips finished subjects and
-produces identical tables. A subject that fails (a corrupt file, an empty label) is recorded in ``failures.csv``
-with its error and does not stop the others.
+produces identical tables. Every per-subject step — checking its rows, reading, measuring, fitting, saving — turns
+an error into a ``failures.csv`` row naming the subject, the file and the reason, and the others go on; only a
+table no subject can be measured from (missing, unreadable, without the required columns or rows) stops a run.
+Small holes of a scan's surface are closed and listed in ``warnings.csv``. One study at a time may use an output
+folder (a lock); its tables and report are replaced together at the end.
 """
 
+from .lock import OutputInUseError
 from .measure import measure_subject
 from .parameters import StudyParameters
 from .run import StudyResult, run_study
 from .statistics import annualised_rates, group_rates
 from .table import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, read_study_table
 
-__all__ = ["OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "StudyParameters", "StudyResult", "annualised_rates",
-           "group_rates", "measure_subject", "read_study_table", "run_study"]
+__all__ = ["OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "OutputInUseError", "StudyParameters", "StudyResult",
+           "annualised_rates", "group_rates", "measure_subject", "read_study_table", "run_study"]

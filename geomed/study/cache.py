@@ -1,5 +1,4 @@
-"""Each subject's results on disk: the cache key of its inputs, reading and atomically writing its folder, and
-clearing what an interrupted run left."""
+"""Each subject's results on disk: the cache key of its inputs, and reading and atomically writing its folder."""
 
 from __future__ import annotations
 
@@ -12,43 +11,41 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from .._files import atomic_path
+from .._files import atomic_path, open_regular, readable_input
 from ..io import write_mesh
 from .parameters import StudyParameters
 
 logger = logging.getLogger(__name__)
 
-
-def remove_interrupted_writes(folder: Path) -> None:
-    """Delete what a killed run left half-written: the hidden ``.<subject>.*.partial`` / ``.previous`` folders of
-    :func:`geomed._files.atomic_path` (finished subjects are never among them)."""
-    import shutil
-
-    for leftover in folder.glob(".*"):
-        if leftover.is_dir() and leftover.name.endswith((".partial", ".previous")):
-            logger.info("removing %s, left by an interrupted run", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+SAVED_PARTS = ("scans", "changes", "rates", "warnings")  # a subject's rows of the study's tables
+_RESULT_FORMAT = 2  # result.json's layout: a subject saved in another layout is measured again
 
 
 def subject_key(records: list[dict], parameters: StudyParameters) -> str:
-    """Hash of everything a subject's results depend on: its rows, its files' bytes, the parameters, geomed."""
+    """Hash of everything a subject's results depend on: its rows, its files' bytes, the parameters, geomed.
+
+    Raises
+    ------
+    ValueError
+        If an input path is neither a regular file nor a folder (a device or a FIFO is never read).
+    """
     digest = hashlib.sha256()
     description = [{key: record[key] for key in ("timepoint", "path", "label", "group", "years")}
                    for record in records]
-    digest.update(json.dumps([description, asdict(parameters), __version__], sort_keys=True, default=str).encode())
+    digest.update(json.dumps([description, asdict(parameters), __version__, _RESULT_FORMAT], sort_keys=True,
+                             default=str).encode())
     for record in records:
         digest.update(_file_digest(Path(record["file"])).encode())
     return digest.hexdigest()
 
 
 def _file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (of every file of a folder, e.g. a DICOM series); "missing" if unreadable, so that
-    the subject is measured, and fails there with the reason."""
+    """sha256 of a regular file's bytes, or of the regular files directly inside a folder (a DICOM series);
+    "missing" if there is nothing to read, so that the subject is measured and fails there with the reason."""
     digest = hashlib.sha256()
     try:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for item in files:
-            with open(item, "rb") as handle:
+        for item in readable_input(path):
+            with open_regular(item) as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     except OSError:
@@ -63,7 +60,9 @@ def cached_outcome(output: Path, subject: str, key: str) -> dict | None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return saved if saved.get("key") == key else None
+    if not isinstance(saved, dict) or saved.get("key") != key or any(part not in saved for part in SAVED_PARTS):
+        return None
+    return saved
 
 
 def save_subject(output: Path, subject: str, key: str, outcome: dict) -> None:
@@ -73,7 +72,7 @@ def save_subject(output: Path, subject: str, key: str, outcome: dict) -> None:
         (partial / "maps").mkdir()
         for name, mesh in outcome["maps"].items():
             write_mesh(mesh, partial / "maps" / f"{name}.vtp")
-        saved = {"key": key, "subject": subject, "scans": outcome["scans"], "changes": outcome["changes"],
+        saved = {"key": key, "subject": subject, **{part: outcome[part] for part in SAVED_PARTS},
                  "maps": sorted(f"maps/{name}.vtp" for name in outcome["maps"])}
         (partial / "result.json").write_text(json.dumps(saved, indent=1, default=json_value))
 

@@ -1,5 +1,5 @@
-"""One subject's measurement (a Dask task): per structure, its scans' surfaces and every consecutive interval
-registered and measured both ways."""
+"""One subject's measurement (a Dask task): per structure, its scans' surfaces (small holes closed), every
+consecutive interval registered and measured both ways, and the subject's annualised rates."""
 
 from __future__ import annotations
 
@@ -10,39 +10,56 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from .._files import file_stem, file_suffix
+from .._files import distinct_file_stem, file_suffix
 from ..io import IMAGE_FORMATS, MESH_FORMATS, read_image, read_mesh
 from ..mesh import Mesh
+from ..mesh_repair import Repair, close_holes
 from ..morphometry import percent_volume_change, surface_area, surface_change, volume
 from .parameters import StudyParameters
+from .statistics import annualised_rates
 
 logger = logging.getLogger(__name__)
 
 
 def measure_subject(subject: str, records: list[dict], parameters: StudyParameters) -> dict:
-    """Measure one subject (a Dask task): per structure, its scans and every consecutive interval both ways.
+    """Measure one subject (a Dask task): per structure, its scans, every consecutive interval both ways, and its
+    annualised rate.
 
-    Returns ``{"scans": [...], "changes": [...], "maps": {name: Mesh}}``, or ``{"error": "..."}`` naming the file
-    and the reason if anything failed.
+    Returns ``{"scans", "changes", "rates", "warnings"}`` (lists of table rows) and ``"maps"`` (``{name: Mesh}``),
+    or ``{"error": ..., "file": ...}`` naming the reason and the file being read or measured if anything failed.
     """
+    current = ""
     try:
-        scans, changes, maps = [], [], {}
+        scans, changes, maps, warnings = [], [], {}, []
         for structure, entries in _by_structure(records).items():
-            shapes = [_surface(entry, parameters) for entry in entries]
-            for entry, shape in zip(entries, shapes):
+            shapes = []
+            for entry in entries:
+                current = entry["path"]
+                shape, repair = _closed(_surface(entry, parameters), parameters)
+                if repair:
+                    logger.warning("subject %s, %s: %s", subject, entry["path"], repair)
+                    warnings.append({"subject": subject, "structure": structure, "path": entry["path"],
+                                     "warning": str(repair)})
+                shapes.append(shape)
                 scans.append({"subject": subject, "structure": structure, "group": entry["group"],
                               "timepoint": entry["years"], "path": entry["path"], "volume_mm3": volume(shape),
                               "area_mm2": surface_area(shape), "vertices": shape.n_vertices})
             for index in range(len(entries) - 1):
+                current = f"{entries[index]['path']} → {entries[index + 1]['path']}"
                 row, carried = _interval(entries[index], entries[index + 1], shapes[index], shapes[index + 1],
                                          parameters)
-                changes.append({"subject": subject, "structure": structure, **row})
-                maps[_map_name(structure, index, entries)] = carried
-        return {"scans": scans, "changes": changes, "maps": maps}
+                name = _map_name(structure, index, entries)
+                changes.append({"subject": subject, "structure": structure, **row, "map": f"maps/{name}.vtp"})
+                maps[name] = carried
+        current = ""
+        rates = annualised_rates(pd.DataFrame(scans), pd.DataFrame(changes)).to_dict("records")
+        return {"scans": scans, "changes": changes, "rates": rates, "warnings": warnings, "maps": maps}
     except Exception as error:  # one subject's failure is recorded, the cohort goes on
         logger.debug("subject %s failed", subject, exc_info=True)
-        return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=4)}
+        step = f"fitting the annual rate: {type(error).__name__}" if not current else type(error).__name__
+        return {"error": f"{step}: {error}", "file": current, "traceback": traceback.format_exc(limit=4)}
 
 
 def _by_structure(records: list[dict]) -> dict[str, list[dict]]:
@@ -71,12 +88,19 @@ def _surface(entry: dict, parameters: StudyParameters) -> Mesh:
             raise ValueError(f"{path}: {error}") from None
     else:
         raise ValueError(f"{path}: not a mesh ({', '.join(MESH_FORMATS)}) or image ({', '.join(IMAGE_FORMATS)})")
-    if not mesh.is_closed:
-        raise ValueError(f"{path}: the surface is not closed ({mesh.boundary_edge_count()} boundary edges), so it "
-                         "encloses no definite volume")
-    if volume(mesh) <= 0:
-        raise ValueError(f"{path}: the surface encloses a non-positive volume (inward-wound?)")
     return mesh
+
+
+def _closed(mesh: Mesh, parameters: StudyParameters) -> tuple[Mesh, Repair]:
+    """The scan's surface with its small holes closed (:func:`geomed.mesh_repair.close_holes`) and a positive
+    enclosed volume; what was repaired."""
+    try:
+        mesh, repair = close_holes(mesh, parameters.max_hole_radius)
+    except ValueError as error:
+        raise ValueError(f"the surface is not closed: {error}") from None
+    if volume(mesh) <= 0:
+        raise ValueError("the surface encloses a non-positive volume (inward-wound?)")
+    return mesh, repair
 
 
 def _interval(first: dict, second: dict, before: Mesh, after: Mesh, parameters: StudyParameters):
@@ -109,4 +133,4 @@ def _interval(first: dict, second: dict, before: Mesh, after: Mesh, parameters: 
 
 def _map_name(structure: str, index: int, entries: list[dict]) -> str:
     first, second = entries[index], entries[index + 1]
-    return f"{file_stem(structure)}_{index:02d}_{float(first['years']):g}y_to_{float(second['years']):g}y"
+    return f"{distinct_file_stem(structure)}_{index:02d}_{float(first['years']):g}y_to_{float(second['years']):g}y"

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .. import __version__
-from .._files import atomic_path, file_stem
+from .._files import atomic_path, distinct_file_stem
 from ..io import read_mesh
 from ..plotting import plot_surface
 
@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 _GROUP_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
-def write_report(result, parameters, *, table: Path) -> Path:
-    """Draw the study's figures into ``output/figures`` and write ``output/index.html``, which shows them.
+def write_report(result, parameters, *, table: Path, folder: Path | None = None) -> Path:
+    """Draw the study's figures into ``folder/figures`` and write ``folder/index.html``, which shows them.
 
     Parameters
     ----------
@@ -29,21 +29,25 @@ def write_report(result, parameters, *, table: Path) -> Path:
     parameters : geomed.study.StudyParameters
     table : Path
         The study table (named in the report).
+    folder : Path, optional
+        Where to write (default ``result.output``; :func:`geomed.study.run_study` writes into a staging folder
+        and moves the report and the tables into place together). Change maps are read from ``result.output``.
 
     Returns
     -------
     Path of ``index.html``.
     """
-    folder = result.output / "figures"
-    folder.mkdir(exist_ok=True)
+    folder = result.output if folder is None else Path(folder)
+    figures_folder = folder / "figures"
+    figures_folder.mkdir(exist_ok=True)
     figures = []
     if not result.changes.empty:
         figures.append(("Trajectories", "Percent volume change from baseline (registration-based), one line per "
                         "subject; bold: group means.", _save(plot_trajectories(result.changes),
-                                                              folder / "trajectories.png")))
+                                                              figures_folder / "trajectories.png")))
         figures.append(("Annualised rates", "Annual percent volume change per subject (dots) and group mean with "
                         "its 95% confidence interval.", _save(plot_rates(result.rates, result.groups),
-                                                              folder / "rates.png")))
+                                                              figures_folder / "rates.png")))
         for structure in sorted(result.changes["structure"].unique()):
             chosen = _typical_map(result, structure)
             if chosen is None:
@@ -55,11 +59,11 @@ def write_report(result, parameters, *, table: Path) -> Path:
             ax = figure.add_subplot(projection="3d")
             plot_surface(mesh, np.nan_to_num(rate), ax=ax, label="normal displacement (mm/year)",
                          title=f"{structure}: {subject}, year {start:g} to {end:g}")
-            name = f"change_map_{file_stem(structure)}.png"
+            name = f"change_map_{distinct_file_stem(structure)}.png"
             figures.append((f"Change map: {structure}", f"Where {subject}'s {structure} moved, annualised: blue "
                             "inwards (atrophy), red outwards (growth), on the baseline surface.",
-                            _save(figure, folder / name)))
-    index = result.output / "index.html"
+                            _save(figure, figures_folder / name)))
+    index = folder / "index.html"
     with atomic_path(index) as partial:
         partial.write_text(_html(result, parameters, table, figures), encoding="utf-8")
     return index
@@ -124,13 +128,10 @@ def _typical_map(result, structure: str):
     members = rates[rates["group"] == group].sort_values("registration_rate").reset_index(drop=True)
     subject = members.loc[len(members) // 2, "subject"]
     changes = result.changes[(result.changes["subject"] == subject) & (result.changes["structure"] == structure)]
-    changes = changes.reset_index(drop=True)
-    for index, row in changes.sort_values(["from_timepoint", "to_timepoint"]).iterrows():
-        if row["interval_years"] > 0:
-            folder = result.output / "subjects" / subject / "maps"
-            maps = sorted(folder.glob(f"{file_stem(structure)}_{index:02d}_*.vtp"))
-            if maps:
-                return subject, maps[0], float(row["from_timepoint"]), float(row["to_timepoint"])
+    for _, row in changes.sort_values(["from_timepoint", "to_timepoint"]).iterrows():
+        path = result.output / "subjects" / subject / row["map"]
+        if row["interval_years"] > 0 and path.is_file():
+            return subject, path, float(row["from_timepoint"]), float(row["to_timepoint"])
     return None
 
 
@@ -171,8 +172,9 @@ def _html(result, parameters, table: Path, figures) -> str:
                        for title, caption, path in figures)
     links = " · ".join(f"<a href=\"{name}\">{name}</a>" for name in
                        ("scans.csv", "changes.csv", "rates.csv", "groups.csv", "scans.parquet", "changes.parquet",
-                        "rates.parquet", "groups.parquet", "failures.csv"))
-    failures = frame(result.failures, ["subject", "error"])
+                        "rates.parquet", "groups.parquet", "failures.csv", "warnings.csv"))
+    failures = frame(result.failures, ["subject", "file", "error"])
+    warnings = frame(result.warnings, ["subject", "structure", "path", "warning"])
     settings = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in asdict(parameters).items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>geomed longitudinal study</title>
@@ -188,6 +190,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}figure{{margin:2em 0}}</style></hea
 <h2>Tables</h2><p>{links}; change maps: <code>subjects/&lt;subject&gt;/maps/*.vtp</code> (point arrays
 <code>normal displacement</code> in mm and <code>area change</code>).</p>
 <h2>Failed subjects</h2>{failures}
+<h2>Warnings</h2><p>Scans measured after a repair (small holes of their surfaces closed):</p>{warnings}
 <h2>Parameters</h2><ul>{settings}</ul>
 </body></html>
 """

@@ -14,9 +14,10 @@ from .parameters import StudyParameters
 logger = logging.getLogger(__name__)
 
 
-def measure_on_dask(pending: dict, output: Path, parameters: StudyParameters, scheduler: str | None, workers: int | None,
-             progress: bool, outcomes: dict, on_subject) -> list[dict]:
-    """Run the pending subjects on Dask; save each as it finishes. Returns the failures."""
+def measure_on_dask(pending: dict, output: Path, parameters: StudyParameters, scheduler: str | None,
+                    workers: int | None, progress: bool, outcomes: dict, on_subject) -> list[dict]:
+    """Run the pending subjects on Dask; save each as it finishes (a subject that cannot be saved fails). Returns
+    the failures (``subject``, ``file``, ``error``)."""
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
@@ -28,9 +29,10 @@ def measure_on_dask(pending: dict, output: Path, parameters: StudyParameters, sc
         dask_logger.setLevel(logging.WARNING)
     if scheduler is None:
         threads = workers or max(1, min(2, os.cpu_count() or 1))
-        # Dask's scheduler always serves HTTP (health, dashboard): on a free loopback port, not the shared :8787.
+        # The scheduler and the worker always serve HTTP (health, dashboard): both on free loopback ports, never on
+        # the shared :8787 or on every interface (the tasks talk in-process).
         cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=threads,
-                               dashboard_address="127.0.0.1:0")
+                               dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0")
         client = Client(cluster, set_as_default=False)
     else:
         client = Client(scheduler, set_as_default=False)
@@ -46,13 +48,21 @@ def measure_on_dask(pending: dict, output: Path, parameters: StudyParameters, sc
                 except Exception as error:  # the task itself was lost (a worker died, a cluster went away)
                     outcome = {"error": f"{type(error).__name__}: {error}"}
                 future.release()
+                if "error" not in outcome:
+                    try:
+                        save_subject(output, subject, key, outcome)
+                        saved = cached_outcome(output, subject, key)
+                        if saved is None:
+                            raise OSError("the saved result.json cannot be read back")
+                        outcomes[subject] = saved
+                    except Exception as error:  # a full disk, a file name the file system refuses
+                        outcome = {"error": f"saving to {output / 'subjects' / subject}: {type(error).__name__}: "
+                                            f"{error}"}
                 if "error" in outcome:
-                    failures.append({"subject": subject, "error": outcome["error"]})
+                    failures.append({"subject": subject, "file": outcome.get("file", ""), "error": outcome["error"]})
                     logger.error("subject %s failed: %s", subject, outcome["error"])
                     status = "failed"
                 else:
-                    save_subject(output, subject, key, outcome)
-                    outcomes[subject] = cached_outcome(output, subject, key)
                     status = "done"
                 bar.update()
                 if on_subject:
