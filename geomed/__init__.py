@@ -17,7 +17,8 @@ from .ot import (BarycenterResult, OTResult, SinkhornLoss, grid_sinkhorn_barycen
                  sinkhorn_barycenter, sinkhorn_divergence)
 from .registration import RegistrationResult, register
 
-_LAZY = {"read_image": "io", "read_mesh": "io", "write_image": "io", "write_mesh": "io", "mask_to_mesh": "surface"}
+_LAZY = {"read_image": "io", "read_mesh": "io", "write_image": "io", "write_mesh": "io", "mask_to_mesh": "surface",
+         "probability_to_mesh": "surface"}
 
 __all__ = ["BarycenterResult", "Image", "KernelLoss", "Measure", "Mesh", "OTResult", "RegistrationResult",
            "SinkhornLoss", "VarifoldLoss", "VoxelGrid", "grid_sinkhorn_barycenter", "grid_sinkhorn_divergence", "mmd",

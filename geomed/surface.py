@@ -6,7 +6,8 @@ import numpy as np
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonCore import vtkDoubleArray
-from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance, vtkSurfaceNets3D, vtkWindowedSincPolyDataFilter
+from vtkmodules.vtkFiltersCore import (vtkFlyingEdges3D, vtkImplicitPolyDataDistance, vtkSurfaceNets3D,
+                                       vtkWindowedSincPolyDataFilter)
 from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
 
 from ._vtk import VTKError, captured_vtk_errors, mesh_to_polydata, polydata_to_mesh
@@ -79,6 +80,173 @@ def mask_to_mesh(
     index = mesh.vertices / spacing + (lower - 1)
     surface = Mesh(mask.index_to_world(index), mesh.triangles)
     return _outward(surface)
+
+
+def probability_to_mesh(
+    probability: Image,
+    channel: int | None = None,
+    *,
+    calibration: float | None = None,
+    smoothing_iterations: int = 20,
+) -> Mesh:
+    r"""Extract the closed boundary surface of a probability map (a soft segmentation) in world RAS mm.
+
+    The surface is the map's 0.5 level placed to sub-voxel accuracy, enclosing the volume that the probabilities
+    give. A probability is not a volume fraction (a segmenter trained on binary labels is sure of most voxels that
+    the boundary cuts), so the map is modelled as a monotone, symmetric calibration curve of the partial volume f,
+    :math:`p = h_\beta(f) = f^\beta / (f^\beta + (1 - f)^\beta)` (β = 1: p is the partial volume, as FSL FAST's
+    maps; β > 1: sharper, as softmax outputs), which is inverted voxel by voxel.
+
+    1. The 0.5 level of the trilinearly interpolated map (flying edges), smoothed by windowed-sinc iterations.
+    2. β, unless given: the value that best predicts the map (least squares over the voxels the boundary cuts)
+       from the exact partial volumes of that surface on the image's grid (:func:`geomed.voxelize.
+       mesh_to_partial_volume`).
+    3. The volume :math:`\sum_v h_\beta^{-1}(p_v)` × voxel volume, and the surface moved along its normals by the
+       uniform distance (a few hundredths of a mm) that makes it enclose that volume.
+
+    Parameters
+    ----------
+    probability : Image
+        Probabilities in [0, 1] (any float or integer type; no NaN), scalar (I, J, K) or multi-component
+        (I, J, K, C) with ``channel`` picking the structure's component (e.g. an nnU-Net ``--save_probabilities``
+        map, SynthSeg posteriors, an FSL FAST partial-volume map). A binary mask works too: its volume is then the
+        voxel count.
+    channel : int, optional
+        The component of a multi-component map (0-based); required for those, refused for scalar maps.
+    calibration : float, optional
+        β of the calibration curve if known; default: fitted to the map.
+    smoothing_iterations : int
+        Windowed-sinc iterations of the 0.5 level (as :func:`mask_to_mesh`); 0 keeps the raw level set.
+
+    Returns
+    -------
+    Mesh
+        Closed where the structure does not touch a hole, outward-wound, in world RAS mm; its enclosed volume
+        (mm³) is the probability-based volume.
+
+    Raises
+    ------
+    ValueError
+        Values outside [0, 1] or NaN, a map with no voxel above 0.5, a missing, out-of-range or superfluous
+        ``channel``, a non-positive ``calibration``.
+    TypeError
+        ``probability`` not an :class:`Image`.
+    """
+    if not isinstance(probability, Image):
+        raise TypeError(f"probability must be a geomed.Image, got {type(probability).__name__}")
+    if not isinstance(smoothing_iterations, (int, np.integer)) or smoothing_iterations < 0:
+        raise ValueError(f"smoothing_iterations must be a non-negative integer, got {smoothing_iterations!r}")
+    if calibration is not None and not (np.isfinite(calibration) and calibration > 0):
+        raise ValueError(f"calibration must be a positive number (β of the calibration curve), got {calibration!r}")
+    values = _channel(probability, channel).astype(np.float64)
+    if np.isnan(values).any():
+        raise ValueError(f"probability map holds {int(np.isnan(values).sum())} NaN voxel(s)")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"probabilities must lie in [0, 1], got values in [{low:g}, {high:g}] (a label map? give "
+                         "its label)")
+    above = values > 0.5
+    if not above.any():
+        raise ValueError(f"no voxel has a probability above 0.5 (largest {high:g}): there is no surface to extract")
+    support = values > 0
+    occupied = [np.nonzero(support.any(axis=tuple(a for a in range(3) if a != axis)))[0] for axis in range(3)]
+    lower = np.array([axis[0] for axis in occupied])
+    upper = np.array([axis[-1] + 1 for axis in occupied])
+    box = np.pad(values[lower[0]:upper[0], lower[1]:upper[1], lower[2]:upper[2]], 1)
+    affine = probability.affine.copy()
+    affine[:3, 3] = probability.index_to_world((lower - 1)[None])[0]
+    grid = Image(np.zeros((1, 1, 1), np.uint8), affine)
+    try:
+        with captured_vtk_errors():
+            polydata = _level_set(box, grid.spacing, 0.5, int(smoothing_iterations))
+    except VTKError as error:
+        raise ValueError(f"surface extraction (flying edges at 0.5) failed: {error}") from None
+    mesh = polydata_to_mesh(polydata, "the 0.5 level")
+    surface = _outward(Mesh(grid.index_to_world(mesh.vertices / grid.spacing), mesh.triangles))
+    if calibration is None:
+        calibration = _fitted_calibration(box, surface, affine)
+    target = float(_uncalibrated(box, calibration).sum()) * grid.voxel_volume
+    return _with_volume(surface, target)
+
+
+_CALIBRATION_RANGE = (0.25, 8.0)  # β searched: from much flatter to much sharper than the partial volume
+
+
+def _channel(image: Image, channel: int | None) -> np.ndarray:
+    """The scalar map of ``image`` (its ``channel`` if it has components), checked."""
+    array = image.array
+    if array.ndim == 3:
+        if channel is not None:
+            raise ValueError(f"channel applies to multi-component maps only; this map is scalar {image.shape}")
+        return array
+    components = array.shape[3]
+    if channel is None:
+        raise ValueError(f"the map has {components} components: give the channel (0..{components - 1})")
+    if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool) or not 0 <= channel < components:
+        raise ValueError(f"channel must be an integer in 0..{components - 1} for this map, got {channel!r}")
+    return array[..., int(channel)]
+
+
+def _level_set(box: np.ndarray, spacing: np.ndarray, level: float, iterations: int):
+    """Flying edges of ``box`` (scaled voxel coordinates) at ``level``, windowed-sinc smoothed."""
+    image = vtkImageData()
+    image.SetDimensions(*box.shape)
+    image.SetSpacing(*spacing)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(box.reshape(-1, order="F"), deep=True))
+    edges = vtkFlyingEdges3D()
+    edges.SetInputData(image)
+    edges.SetValue(0, level)
+    edges.ComputeNormalsOff()
+    edges.ComputeGradientsOff()
+    edges.ComputeScalarsOff()
+    edges.Update()
+    if iterations == 0:
+        return edges.GetOutput()
+    return _windowed_sinc(edges.GetOutput(), iterations)
+
+
+def _calibrated(fraction: np.ndarray, beta: float) -> np.ndarray:
+    """h_β(f) = f^β / (f^β + (1 − f)^β)."""
+    inside, outside = fraction**beta, (1.0 - fraction) ** beta
+    return inside / (inside + outside)
+
+
+def _uncalibrated(probability: np.ndarray, beta: float) -> np.ndarray:
+    """h_β⁻¹(p): the partial volume a probability stands for."""
+    return _calibrated(probability, 1.0 / beta)
+
+
+def _fitted_calibration(box: np.ndarray, surface: Mesh, affine: np.ndarray) -> float:
+    """β that best predicts the map from the exact partial volumes of ``surface`` on its grid (least squares over
+    the voxels that the surface or the map says are cut); 1 when no voxel is cut (a binary mask)."""
+    from scipy.optimize import minimize_scalar
+
+    from .voxelize import mesh_to_partial_volume
+
+    fractions = mesh_to_partial_volume(surface, affine, box.shape, supersampling=4).array
+    cut = ((fractions > 0) & (fractions < 1)) | ((box > 0) & (box < 1))
+    if not ((box > 0) & (box < 1)).any():
+        return 1.0
+    observed, predicted = box[cut], fractions[cut]
+    fit = minimize_scalar(lambda beta: float(((observed - _calibrated(predicted, beta)) ** 2).sum()),
+                          bounds=_CALIBRATION_RANGE, method="bounded", options={"xatol": 1e-3})
+    return float(fit.x)
+
+
+def _with_volume(mesh: Mesh, target: float) -> Mesh:
+    """``mesh`` moved along its (two-ring smoothed) normals by the uniform distance that makes it enclose
+    ``target`` mm³ (Newton steps on V(t) ≈ V + A t)."""
+    from .morphometry import enclosed_volume
+
+    normals = mesh.vertex_normals(NORMAL_SMOOTHING)
+    area = float(mesh.triangle_areas().sum())
+    offset = 0.0
+    for _ in range(4):
+        enclosed = enclosed_volume(mesh.vertices + offset * normals, mesh.triangles)
+        if abs(enclosed - target) <= 1e-9 * target:
+            break
+        offset += (target - enclosed) / area
+    return Mesh(mesh.vertices + offset * normals, mesh.triangles)
 
 
 def _region(mask: Image, label: int | str | None) -> np.ndarray:

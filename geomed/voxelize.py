@@ -17,6 +17,7 @@ from .image import Image
 from .mesh import Mesh
 
 _CHUNK = 1 << 22  # candidate (triangle, sub-column) pairs tested at once
+_ROUNDING = 1e-9  # fractions this close to 0 or 1 are taken as 0 or 1
 
 
 def mesh_to_partial_volume(mesh: Mesh, affine: np.ndarray, shape: tuple[int, int, int], *,
@@ -69,7 +70,9 @@ def mesh_to_partial_volume(mesh: Mesh, affine: np.ndarray, shape: tuple[int, int
         _accumulate(index, triangles, np.arange(start, stop), lower, upper, s, flipped, shape, sums)
         start = stop
     fractions = np.cumsum(sums, axis=1)[:, :-1].reshape(shape)
-    return Image(np.clip(fractions, 0.0, 1.0), grid.affine)
+    fractions[fractions < _ROUNDING] = 0.0  # the rounding of the sums, not a partial volume
+    fractions[fractions > 1.0 - _ROUNDING] = 1.0
+    return Image(fractions, grid.affine)
 
 
 def _sub_column_range(points: np.ndarray, triangles: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:

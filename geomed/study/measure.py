@@ -70,20 +70,30 @@ def _by_structure(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def _surface(entry: dict, parameters: StudyParameters) -> Mesh:
-    """The closed surface of one scan: a mesh file, or the boundary of a mask / one label of a label map."""
+    """The closed surface of one scan: a mesh file, the boundary of a mask / one label of a label map, or the 0.5
+    level of a probability map (a float image in [0, 1] whose ``label`` is empty or a name, or the component
+    ``label`` of a multi-component map; :func:`geomed.surface.probability_to_mesh`, which makes it enclose the
+    volume the probabilities give)."""
     path = Path(entry["file"])
     suffix = file_suffix(path)
     if suffix in MESH_FORMATS:
         mesh = read_mesh(path)
     elif suffix in IMAGE_FORMATS or path.is_dir():
-        from ..surface import mask_to_mesh
+        from ..surface import mask_to_mesh, probability_to_mesh
 
         image = read_image(path)
         label = entry["label"] or None
-        if label is not None and label.isdigit():
-            label = int(label)
+        numbered = label is not None and label.isdigit()
         try:
-            mesh = mask_to_mesh(image, label, method=parameters.method)
+            if image.array.ndim == 4:
+                if not numbered:
+                    raise ValueError(f"a multi-component probability map needs its channel index (0-based) as the "
+                                     f"label, got {label!r}")
+                mesh = probability_to_mesh(image, int(label))
+            elif np.issubdtype(image.array.dtype, np.floating) and not numbered:
+                mesh = probability_to_mesh(image)
+            else:
+                mesh = mask_to_mesh(image, int(label) if numbered else label, method=parameters.method)
         except (ValueError, KeyError) as error:
             raise ValueError(f"{path}: {error}") from None
     else:
