@@ -25,6 +25,19 @@ comparison (literature, not run: whole-brain PBVC on MR images, so not a like-fo
 
     python benchmarks/atrophy_validation.py [--subjects 4] [--structures ...] [--seed 0] [--workers 2]
                                             [--work DIR] [--out benchmarks/results]
+
+``--scans images`` validates segmentations as users have them instead (issue #21): the same cohort's scans written
+as NIfTI images (``synthetic_cohort(scans=...)``: the continuous shapes' exact partial volumes on grids repositioned
+per scan, 1 mm brains, 0.365 × 0.365 × 0.7 mm oblique knees), once as thresholded **label maps** and once as
+calibrated **probability maps** of the same scans, each measured by ``run_study``. Per structure and input: the
+registration-based error, the direct error (difference of the surfaces' volumes), the plain voxel-count difference
+of the label maps and the plain probability sum (on the same scans), and with ``--segmentation-noise`` the noise
+floor (the error of the exact volumes of the same noisy maps). Written to
+``atrophy_validation_images[_noiseX].{csv,md}``.
+
+    python benchmarks/atrophy_validation.py --scans images [--subjects 2] [--years 0 1 2 3]
+                                            [--structures hippocampus lateral_ventricles femoral_cartilage]
+                                            [--segmentation-noise 0.1]
 """
 
 from __future__ import annotations
@@ -173,9 +186,17 @@ def _print_tables(table: pd.DataFrame, goals: list[tuple[str, str, float, bool]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=4, metavar="N", help="subjects per group and anatomy")
-    parser.add_argument("--structures", nargs="+", choices=STRUCTURES, default=list(STRUCTURES), metavar="NAME",
-                        help=f"structures to simulate (default: all: {', '.join(STRUCTURES)})")
+    parser.add_argument("--scans", choices=("mesh", "images"), default="mesh",
+                        help="meshes (default), or the same scans as label maps and as probability maps")
+    parser.add_argument("--subjects", type=int, default=None, metavar="N",
+                        help="subjects per group and anatomy (default: 4 for meshes, 2 for images)")
+    parser.add_argument("--structures", nargs="+", choices=STRUCTURES, default=None, metavar="NAME",
+                        help=f"structures to simulate (default: meshes all: {', '.join(STRUCTURES)}; images: "
+                             f"{', '.join(IMAGE_STRUCTURES)})")
+    parser.add_argument("--years", nargs="+", type=float, default=None, metavar="T",
+                        help="scan times (default: meshes 0 1 2 and a rescan; images 0 1 2 3, no rescan)")
+    parser.add_argument("--segmentation-noise", type=float, default=0.0, metavar="MM",
+                        help="images: RMS of the smooth segmentation error of every scan (mm; default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cohort")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                         help="folder for atrophy_validation.csv and .md (default: %(default)s)")
@@ -186,11 +207,17 @@ def main() -> None:
     args = parser.parse_args()
     command = " ".join(["python", "benchmarks/atrophy_validation.py", *sys.argv[1:]])
     machine = f"{os.cpu_count()} CPUs, {platform.platform()}, geomed {__version__}"
+    if args.scans == "images":
+        _images(args, command, machine)
+        return
+    args.subjects = args.subjects or 4
+    args.structures = args.structures or list(STRUCTURES)
     with tempfile.TemporaryDirectory(prefix="atrophy-validation-") as temporary:
         work = args.work or Path(temporary)
         start = time.perf_counter()
         cohort = synthetic_cohort(work / "cohort", subjects_per_group=args.subjects,
-                                  structures=tuple(args.structures), seed=args.seed)
+                                  structures=tuple(args.structures), seed=args.seed,
+                                  **({"years": tuple(args.years)} if args.years else {}))
         cohort_seconds = time.perf_counter() - start
         statuses: Counter[str] = Counter()
         result = run_study(cohort.table, work / "study", workers=args.workers, report=False,
@@ -218,6 +245,119 @@ def main() -> None:
     table.to_csv(args.out / "atrophy_validation.csv", index=False)
     (args.out / "atrophy_validation.md").write_text(_markdown(table, goals, machine, command, cohort_seconds),
                                                     encoding="utf-8")
+
+
+IMAGE_STRUCTURES = ("hippocampus", "lateral_ventricles", "femoral_cartilage")
+INPUTS = ("probability", "label_map")
+# (column of SyntheticCohort.validate, stem in the results)
+IMAGE_ERRORS = (("error_pp", "registration"), ("direct_error_pp", "direct"), ("voxel_count_error_pp", "voxel_count"),
+                ("probability_sum_error_pp", "probability_sum"), ("floor_error_pp", "noise_floor"))
+GOAL_PROBABILITY_PP, STRETCH_PROBABILITY_PP = 0.15, 0.1
+
+
+def _images(args, command: str, machine: str) -> None:
+    """Label maps and probability maps of the same scans, measured by the study: errors per structure and input."""
+    structures = tuple(args.structures or IMAGE_STRUCTURES)
+    years = tuple(args.years or (0.0, 1.0, 2.0, 3.0))
+    rows, seconds = [], {}
+    with tempfile.TemporaryDirectory(prefix="atrophy-validation-images-") as temporary:
+        work = args.work or Path(temporary)
+        for kind in INPUTS:
+            start = time.perf_counter()
+            cohort = synthetic_cohort(work / kind / "cohort", subjects_per_group=args.subjects or 2,
+                                      structures=structures, years=years, rescan=False, scans=kind,
+                                      segmentation_noise=args.segmentation_noise, seed=args.seed)
+            seconds[f"{kind} cohort"] = time.perf_counter() - start
+            result = run_study(cohort.table, work / kind / "study", workers=args.workers, report=False,
+                               progress=False)
+            seconds[f"{kind} study"] = result.timings["total"]
+            if len(result.failures):
+                print(f"warning: {len(result.failures)} subject(s) failed and are left out:\n"
+                      f"{result.failures.to_string(index=False)}", file=sys.stderr)
+            validation = cohort.validate(result.changes).assign(seconds=result.changes["seconds"].to_numpy())
+            validation = validation[~validation["rescan"]]
+            for structure in structures:
+                chosen = validation[validation["structure"] == structure]
+                row = {"structure": structure, "input": kind, "segmentation_noise_mm": args.segmentation_noise,
+                       "intervals": len(chosen),
+                       "true_change_min_percent": float(chosen["true_percent"].abs().min()),
+                       "true_change_max_percent": float(chosen["true_percent"].abs().max())}
+                for column, stem in IMAGE_ERRORS:
+                    if column in chosen and (kind == "probability" or stem != "probability_sum"):
+                        values = chosen[column].abs().to_numpy(dtype=float)
+                        row.update({f"{stem}_median_pp": float(np.median(values)),
+                                    f"{stem}_p90_pp": float(np.percentile(values, 90)),
+                                    f"{stem}_max_pp": float(values.max())})
+                row["seconds_per_interval"] = float(chosen["seconds"].mean())
+                rows.append(row)
+    table = pd.DataFrame(rows).assign(cpus=os.cpu_count(), platform=platform.platform(), geomed=__version__)
+    goals = _image_goals(table)
+    suffix = f"_noise{args.segmentation_noise:g}" if args.segmentation_noise else ""
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(table.drop(columns=["cpus", "platform", "geomed"]).set_index(["structure", "input"]).T
+              .to_string(float_format=lambda v: f"{v:.4g}"))
+    print("\nGoals (issue #21):")
+    for goal, structure, value, met in goals:
+        print(f"  {goal:<60} {structure:<20} {value:8.4f}  {'met' if met else 'NOT MET'}")
+    print("\n" + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + f" ({machine})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / f"atrophy_validation_images{suffix}.csv", index=False)
+    (args.out / f"atrophy_validation_images{suffix}.md").write_text(
+        _image_markdown(table, goals, machine, command, seconds), encoding="utf-8")
+
+
+def _image_goals(table: pd.DataFrame) -> list[tuple[str, str, float, bool]]:
+    """(goal, structure, measured, met): the issue's goals for probability maps and label maps."""
+    checks = []
+    for structure, rows in table.groupby("structure", sort=False):
+        by_input = rows.set_index("input")
+        probability, label = by_input.loc["probability"], by_input.loc["label_map"]
+        median = probability["registration_median_pp"]
+        checks += [(f"probability maps: median |error| ≤ {GOAL_PROBABILITY_PP} pp", structure, median,
+                    median <= GOAL_PROBABILITY_PP),
+                   (f"probability maps: median |error| ≤ {STRETCH_PROBABILITY_PP} pp (stretch)", structure, median,
+                    median <= STRETCH_PROBABILITY_PP),
+                   ("probability maps: median ≤ ⅓ of the label maps' (ratio)", structure,
+                    median / label["registration_median_pp"], median <= label["registration_median_pp"] / 3),
+                   ("label maps: median |error| ≤ voxel count's (ratio)", structure,
+                    label["registration_median_pp"] / label["voxel_count_median_pp"],
+                    label["registration_median_pp"] <= label["voxel_count_median_pp"]),
+                   ("label maps: max |error| ≤ voxel count's (ratio)", structure,
+                    label["registration_max_pp"] / label["voxel_count_max_pp"],
+                    label["registration_max_pp"] <= label["voxel_count_max_pp"])]
+    return checks
+
+
+def _image_markdown(table: pd.DataFrame, goals, machine: str, command: str, seconds: dict[str, float]) -> str:
+    """The image results as markdown: command, one row per structure and input, the goals."""
+    noisy = bool(table["segmentation_noise_mm"].iloc[0])
+    header = ["structure", "input", "intervals (\\|true change\\| %)",
+              "registration-based \\|error\\| median / 90th / max (pp)", "direct (surface volumes)",
+              "voxel count of the label maps", "probability sum"]
+    if noisy:
+        header.append("noise floor (exact volume of the noisy maps)")
+    header.append("s / interval")
+    lines = [f"Command: `{command}` ({machine}; " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ").",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def spread(row, stem: str) -> str:
+        if f"{stem}_median_pp" not in row or pd.isna(row[f"{stem}_median_pp"]):
+            return "—"
+        return " / ".join(f"{row[f'{stem}_{part}_pp']:.3f}" for part in ("median", "p90", "max"))
+
+    for _, row in table.iterrows():
+        cells = [row["structure"], row["input"].replace("_", " "),
+                 f"{row['intervals']} ({row['true_change_min_percent']:.2f}–{row['true_change_max_percent']:.2f})",
+                 spread(row, "registration"), spread(row, "direct"), spread(row, "voxel_count"),
+                 spread(row, "probability_sum")]
+        if noisy:
+            cells.append(spread(row, "noise_floor"))
+        cells.append(f"{row['seconds_per_interval']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| goal (issue #21) | structure | measured | |", "|---|---|---|---|"]
+    lines += [f"| {_escaped(goal)} | {structure} | {value:.3f} | {'met' if met else '**not met**'} |"
+              for goal, structure, value, met in goals]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
