@@ -6,7 +6,8 @@ included) by casting lines along the grid's third axis k: each sub-column at (i 
 integrated exactly over every voxel. So a voxel's fraction is exact along k and an s × s midpoint rule across it;
 voxels far from the surface come out exactly 0 or 1 without being visited, and the work grows with the number of
 crossings (the surface's area), not with the grid's size. The sum of the fractions is the enclosed volume to a
-2-D quadrature error (≈ 10⁻⁵ relative at s = 8 on a 20 mm sphere sampled at 1 mm).
+2-D quadrature error (< 10⁻⁵ relative at s = 4 and 8 for a 10 mm-radius sphere on an oblique 0.365 × 0.365 ×
+0.7 mm grid, in 0.2 and 1 s).
 """
 
 from __future__ import annotations
