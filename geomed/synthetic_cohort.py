@@ -19,6 +19,11 @@ The ground truth is the volume enclosed by each written mesh (divergence theorem
 the same triangles move with the continuous map, so it is the warped shape's volume to within ~10⁻³ percentage
 points (checked against the same map applied to a 4× and 16× subdivided baseline in the tests). Change is never
 simulated by eroding a label map (one voxel removes ~45% of a hippocampus).
+
+With ``scans="label_map"`` or ``"probability"`` the same shapes are written as images, as users' segmentations
+are: sampled with their exact partial volume on a voxel grid repositioned at every scan, optionally after a smooth
+segmentation error, then thresholded at 0.5 or turned into a calibrated-looking probability
+(:func:`calibrated_probability`).
 """
 
 from __future__ import annotations
@@ -83,10 +88,12 @@ class SyntheticCohort:
     Attributes
     ----------
     folder : Path
-        Root of the cohort (one sub-folder of ``.vtp`` meshes per subject).
+        Root of the cohort (one sub-folder per subject of ``.vtp`` meshes or ``.nii.gz`` images, one per scan and
+        structure).
     table : Path
         ``cohort.csv``: the study table (``subject, timepoint, path, label, group``; ``timepoint`` in years,
-        ``path`` relative to the table's folder, ``label`` the structure).
+        ``path`` relative to the table's folder, ``label`` the structure — for label maps its id in
+        ``LABEL_IDS``).
     truth : Path
         ``truth.csv``: per scan ``subject, structure, group, timepoint, path, volume_mm3`` (exact),
         ``annual_rate_percent`` (the subject's simulated rate) and ``rescan`` (1 for a same-day repeat scan).
