@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import __version__, datasets
 from .image import Image
-from ._files import atomic_path, file_suffix
+from ._files import atomic_path, file_suffix, spreadsheet_safe
 from .io import IMAGE_FORMATS, MESH_FORMATS, read_image, read_mesh
 from .mesh import Mesh
 from .morphometry import structure_measurements
@@ -422,7 +422,7 @@ def _write_table(rows: Sequence[dict[str, object]], path: Path) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
         text = buffer.getvalue()
     else:
         text = json.dumps(list(rows), indent=1)

@@ -10,6 +10,8 @@ are only *sources* of measures, converted here once, in world RAS millimetres:
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from .image import Image
 from .mesh import Mesh
 
 _Array = np.ndarray | torch.Tensor
+_FLOAT32_EXACT_MM = 8192.0  # float32 steps are at most 2⁻¹⁰ mm ≈ 1 µm up to here
 
 
 def _as_float_tensor(value: _Array, name: str, dtype: torch.dtype | None, device: torch.device | str | None) -> torch.Tensor:
@@ -38,6 +41,21 @@ def _as_float_tensor(value: _Array, name: str, dtype: torch.dtype | None, device
         keep = isinstance(value, torch.Tensor) and tensor.is_floating_point()
         dtype = tensor.dtype if keep else torch.get_default_dtype()
     return tensor.to(device=device, dtype=dtype)
+
+
+def _coordinate_dtype(magnitude: float, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype for coordinates reaching ``magnitude`` mm from the origin: ``dtype`` when given; else torch's
+    default, unless that is float32 and float32 cannot resolve 1 µm there (beyond 8192 mm): then float64, with a
+    warning that names the magnitude."""
+    if dtype is not None:
+        return dtype
+    default = torch.get_default_dtype()
+    if default == torch.float32 and magnitude > _FLOAT32_EXACT_MM:
+        warnings.warn(f"points reach {magnitude:.3g} mm from the origin, where float32 resolves only "
+                      f"{magnitude * 2.0**-23:.2g} mm: the measure is kept in float64 (pass dtype= to choose)",
+                      RuntimeWarning, stacklevel=3)
+        return torch.float64
+    return default
 
 
 def _check_finite(tensor: torch.Tensor, name: str) -> None:
@@ -138,7 +156,12 @@ class Measure:
         _check_finite(weights, "weights")
         if bool((weights.detach() < 0).any()):
             raise ValueError(f"weights must be non-negative, found minimum {float(weights.detach().min())}")
-        if bool((weights.detach().sum(-1) <= 0).any()):
+        totals = weights.detach().sum(-1)
+        if not bool(torch.isfinite(totals).all()):
+            exact = float(weights.detach().double().sum(-1).max())
+            raise ValueError(f"weights sum to {exact:.3g}, beyond the range of {weights.dtype}: rescale them (e.g. "
+                             "normalise to total 1) or use float64")
+        if bool((totals <= 0).any()):
             raise ValueError("weights sum to zero: a measure needs a positive total mass")
         if normals is not None:
             if not isinstance(normals, torch.Tensor) or normals.shape != points.shape:
@@ -188,6 +211,9 @@ class Measure:
             Default: the dtype and device of a floating ``points`` tensor; torch's default dtype (float32 unless
             changed) for arrays.
         """
+        if dtype is None and not (isinstance(points, torch.Tensor) and points.is_floating_point()):
+            magnitude = _magnitude(points)
+            dtype = _coordinate_dtype(magnitude, None) if magnitude is not None else None
         points_t = _as_float_tensor(points, "points", dtype, device)
         dtype, device = points_t.dtype, points_t.device
         if points_t.ndim < 2:
@@ -252,7 +278,7 @@ class Measure:
             points, weights, unit = mesh.triangle_centroids()[keep], areas[keep], normals[keep]
         if not keep.any():
             raise ValueError("mesh has zero area (all triangles are degenerate)")
-        dtype = dtype or torch.get_default_dtype()
+        dtype = _coordinate_dtype(float(np.abs(mesh.vertices).max()), dtype)
         return cls(
             torch.as_tensor(points, dtype=dtype, device=device),
             torch.as_tensor(weights, dtype=dtype, device=device),
@@ -344,8 +370,10 @@ class Measure:
             occupancy = torch.as_tensor(values[tuple(index.T)].astype(np.float64))
         if len(index) == 0:
             raise ValueError("mask is empty: no voxel has positive occupancy")
-        dtype = dtype or (values.dtype if floating and isinstance(values, torch.Tensor) else torch.get_default_dtype())
         dim = values.ndim
+        if dtype is None and floating and isinstance(values, torch.Tensor):
+            dtype = values.dtype
+        dtype = _coordinate_dtype(_grid_magnitude(values.shape, matrix), dtype)
         weights = occupancy.to(dtype=dtype, device=device) * float(abs(np.linalg.det(matrix[:dim, :dim])))
         grid = _voxel_grid(tuple(values.shape), matrix, index, weights.device)
         return cls(_index_to_world(index, matrix, dtype, weights.device), weights, grid=grid)
@@ -393,7 +421,7 @@ class Measure:
             raise ValueError("labels is empty: ask for at least one label id or name")
         ids = [_resolve_label(image, label, present) for label in requested]
         bounds = dict(zip(present.tolist(), zip(starts.tolist(), [*starts[1:].tolist(), len(values)])))
-        dtype = dtype or torch.get_default_dtype()
+        dtype = _coordinate_dtype(_grid_magnitude(array.shape, image.affine), dtype)
         voxel_volume = image.voxel_volume
         measures: dict[Hashable, Measure] = {}
         for key, label in zip(requested, ids):
@@ -497,6 +525,23 @@ def _check_occupancy(low: float, high: float, floating: bool) -> None:
 def _voxel_grid(shape: tuple[int, ...], affine: np.ndarray, index: np.ndarray, device) -> VoxelGrid:
     flat = np.ravel_multi_index(tuple(np.asarray(index).T), shape) if len(index) else np.zeros(0, dtype=np.int64)
     return VoxelGrid(shape, affine, torch.as_tensor(flat, dtype=torch.int64, device=device))
+
+
+def _magnitude(points) -> float | None:
+    """Largest |coordinate| of array-like points (None if they are not numbers: the conversion names the error)."""
+    try:
+        values = np.abs(np.asarray(points, dtype=np.float64))
+    except (TypeError, ValueError):
+        return None
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else 0.0
+
+
+def _grid_magnitude(shape: tuple[int, ...], affine: np.ndarray) -> float:
+    """Largest |world coordinate| of a grid's corner voxels (mm)."""
+    dim = len(shape)
+    corners = np.array(np.meshgrid(*[[0, max(n - 1, 0)] for n in shape], indexing="ij")).reshape(dim, -1).T
+    return float(np.abs(corners @ affine[:dim, :dim].T + affine[:dim, dim]).max())
 
 
 def _index_to_world(index: np.ndarray, affine: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:

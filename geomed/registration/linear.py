@@ -69,7 +69,12 @@ def fit_pairs(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
     if model == "affine":
         covariance = (cx * w[:, None]).T @ cx
         cross = (cy * w[:, None]).T @ cx
-        matrix = torch.linalg.solve(covariance, cross.T).T
+        try:
+            matrix = torch.linalg.solve(covariance, cross.T).T
+        except torch.linalg.LinAlgError:
+            rank = int(torch.linalg.matrix_rank(covariance))
+            raise ValueError(f"the affine fit is degenerate: the matched points span only {rank} of {dim} "
+                             "dimensions (use a rigid or similarity model)") from None
     else:
         cross = (cy * w[:, None]).T @ cx
         u, s, vt = torch.linalg.svd(cross)

@@ -83,6 +83,8 @@ def register(
     if moving_measure.dim != fixed_measure.dim:
         raise ValueError(f"moving and fixed must have the same dimension, got {moving_measure.dim}-D and "
                          f"{fixed_measure.dim}-D points")
+    for name, measure in (("moving", moving_measure), ("fixed", fixed_measure)):
+        _check_extent(measure, name, model)
     scale = fixed_measure.total_mass
     moving_measure = Measure(moving_measure.points, moving_measure.weights / scale, moving_measure.normals)
     fixed_measure = Measure(fixed_measure.points, fixed_measure.weights / scale, fixed_measure.normals)
@@ -167,6 +169,25 @@ def _rim_distance(shape, measure: Measure) -> torch.Tensor | None:
         return None
     distances, _ = cKDTree(shape.vertices[rim]).query(measure.points.detach().cpu().double().numpy())
     return torch.as_tensor(distances, dtype=torch.float64, device=measure.device)
+
+
+def _check_extent(measure: Measure, name: str, model: str) -> None:
+    """Refuse shapes a registration cannot place: no extent at all, or (affine and beyond, which fit a general
+    linear map) points that do not span every dimension."""
+    points = measure.points.detach().double()
+    weights = measure.weights.detach().double()
+    points = points[weights > 0]
+    spread = points - points.mean(0)
+    singular = torch.linalg.svdvals(spread) if len(points) > 1 else torch.zeros(1, dtype=points.dtype)
+    if float(singular.max()) == 0.0:
+        raise ValueError(f"{name} has no extent: its {len(points)} point(s) with mass all sit at one place, so "
+                         "there is nothing to align")
+    rank = int((singular > singular.max() * 1e-9).sum())
+    if model != "rigid" and model != "similarity" and rank < measure.dim:
+        shape = {1: "on a line", 2: "in a plane"}.get(rank, f"in a {rank}-D subspace")
+        raise ValueError(f"{name}'s {len(points)} points lie {shape}: {'an' if model[0] in 'aeiou' else 'a'} {model} registration fits a general linear "
+                         f"map, which needs points spanning all {measure.dim} dimensions (use model='rigid' or "
+                         "'similarity')")
 
 
 def _diameter(measure: Measure) -> float:
