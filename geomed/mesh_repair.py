@@ -140,15 +140,19 @@ def _boundary_loops(mesh: Mesh) -> list[np.ndarray]:
     following: dict[int, list[int]] = {}
     for a, b in boundary.tolist():
         following.setdefault(a, []).append(b)
-    if sorted(following) != sorted(boundary[:, 1].tolist()) or any(len(v) != 1 for v in following.values()):
-        raise ValueError(f"the surface's {len(boundary)} boundary edges do not form simple loops (a non-manifold "
-                         "rim); it encloses no definite volume")
+    outgoing = np.bincount(boundary[:, 0], minlength=mesh.n_vertices)
+    incoming = np.bincount(boundary[:, 1], minlength=mesh.n_vertices)
+    if not np.array_equal(outgoing, incoming):
+        raise ValueError(f"the surface's {len(boundary)} boundary edges do not form loops (an inconsistently wound "
+                         "or non-manifold rim); it encloses no definite volume")
     loops = []
     while following:
         start = next(iter(following))
         loop, current = [], start
-        while True:
-            after = following.pop(current)[0]
+        while True:  # in-degree = out-degree everywhere, so every walk returns to its start (through pinches too)
+            after = following[current].pop()
+            if not following[current]:
+                del following[current]
             loop.append((current, after))
             current = after
             if current == start:
