@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _OVERRELAXATION = 1.8
 _RATE_WINDOW = 10
+_DEVICE_READS_EVERY = 5
 
 
 class _Overrelaxation:
@@ -68,10 +69,18 @@ class _Overrelaxation:
         return self.omega
 
 
-def _relative_change(weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> float:
-    """Σ_i w_i |exp((old_i − new_i)/ε) − 1| / m(w): the marginal error of the plan built with the old potential."""
+def _relative_change(weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> torch.Tensor:
+    """Σ_i w_i |exp((old_i − new_i)/ε) − 1| / m(w): the marginal error of the plan built with the old potential,
+    the largest of a batch, as a 0-d tensor on the potentials' device (reading it would wait for the device)."""
     error = (weights * torch.expm1((old - new) / eps).abs()).sum(-1) / weights.sum(-1)
-    return float(error.max())
+    return error.max()
+
+
+def _reads_every(device: torch.device) -> int:
+    """Final-blur iterations between reads of the marginal error on the host: 1 on CPUs (reading is free), else
+    ``_DEVICE_READS_EVERY``: the device runs ahead without waiting for the host, at the cost of up to that many
+    iterations past ``tol``."""
+    return 1 if device.type == "cpu" else _DEVICE_READS_EVERY
 
 
 def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
@@ -136,8 +145,8 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
     def symmetric_step(eps):
         nonlocal f_aa, g_bb
         new_aa, new_bb = symmetric(eps, f_aa, g_bb)
-        error = max(_relative_change(weights("a"), f_aa, new_aa, eps),
-                    _relative_change(weights("b"), g_bb, new_bb, eps))
+        error = torch.maximum(_relative_change(weights("a"), f_aa, new_aa, eps),
+                              _relative_change(weights("b"), g_bb, new_bb, eps))
         f_aa, g_bb = 0.5 * (f_aa + new_aa), 0.5 * (g_bb + new_bb)
         return error
 
@@ -149,36 +158,54 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
         refresh()
         return geometry.level != level
 
-    error = math.inf
+    # The marginal errors stay on the device: during the ε-scaling only the last one is read, at the final blur
+    # a few at a time (_reads_every), so that an accelerator is not made to wait for the host at every update.
+    error_t = None
     for eps in epsilons:
         start = time.perf_counter()
         jumped = advance(eps, final=False)
         new_f, new_g = cross_f(eps, g), cross_g(eps, f)
-        error = max(_relative_change(weights("a"), f, new_f, eps), _relative_change(weights("b"), g, new_g, eps))
+        error_t = torch.maximum(_relative_change(weights("a"), f, new_f, eps),
+                                _relative_change(weights("b"), g, new_g, eps))
         f, g = 0.5 * (f + new_f), 0.5 * (g + new_g)
         if debias:
-            error = max(error, symmetric_step(eps))
+            error_t = torch.maximum(error_t, symmetric_step(eps))
         step_record("scale-jump" if jumped else "eps-scaling", eps, 1, start)
+    error = math.inf if error_t is None else float(error_t)
 
     eps, relaxation = epsilons[-1], _Overrelaxation()
     start, iterations = time.perf_counter(), 0
     extrapolated = advance(eps, final=True)
     converged = tol is not None and error < tol and not extrapolated
     cross_error = symmetric_error = error
+    omega, every = relaxation.omega, _reads_every(f.device)
+    unread_cross, unread_symmetric = [], None
     while not converged and iterations < max_iter:
         new_f = cross_f(eps, g)
-        cross_error = _relative_change(weights("a"), f, new_f, eps)
-        omega = relaxation.update(cross_error)
+        unread_cross.append(_relative_change(weights("a"), f, new_f, eps))
+        if len(unread_cross) >= every:  # read before ω is chosen: on CPUs at every iteration, as the rate needs
+            for cross_error in torch.stack(unread_cross).tolist():
+                omega = relaxation.update(cross_error)
+            unread_cross.clear()
         f = f + omega * (new_f - f)
         g = g + omega * (cross_g(eps, f) - g)
         if debias and (tol is None or symmetric_error >= tol):
-            symmetric_error = symmetric_step(eps)
-        error = max(cross_error, symmetric_error if debias else 0.0)
+            unread_symmetric = symmetric_step(eps)
         iterations += 1
+        if unread_cross:
+            continue
+        if unread_symmetric is not None:
+            symmetric_error, unread_symmetric = float(unread_symmetric), None
+        error = max(cross_error, symmetric_error if debias else 0.0)
         converged = tol is not None and error < tol
         if iterations % 10 == 0:
             logger.debug("final blur: iteration %d, marginal error %.3g (debiasing problems %.3g), ω = %.3f, %.1f s",
                          iterations, cross_error, symmetric_error, omega, time.perf_counter() - start)
+    if unread_cross:  # stopped at max_iter between reads
+        cross_error = float(unread_cross[-1])
+        if unread_symmetric is not None:
+            symmetric_error = float(unread_symmetric)
+        error = max(cross_error, symmetric_error if debias else 0.0)
     step_record("final-blur", eps, iterations, start)
     if tol is not None and not converged:
         logger.warning("Sinkhorn did not converge: marginal error %.2g > tol=%g after max_iter=%d iterations at the "
