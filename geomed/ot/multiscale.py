@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._spatial import cell_sums, morton_codes
+from .._spatial import cell_sums, morton_codes, triton_unusable
 from .blocksparse import RangePattern, RangeSoftmin, concatenate, runs_to_pattern
 from .schedule import level_for
 from .softmin import OnlineSoftmin, tile_logits
@@ -248,7 +248,7 @@ class Multiscale:
         extrapolated = list(potentials)
         for name, rows, cols, i, j in self._names():
             col_levels = self._side(cols)
-            softmin = RangeSoftmin(self.p, self.patterns[name].children(self._offsets(rows, q), None, _BLOCK_ROWS))
+            softmin = range_softmin(self.p, self.patterns[name].children(self._offsets(rows, q), None, _BLOCK_ROWS))
             h = (col_levels.log_weights[q] + potentials[j][0] / eps)[None]
             damping = self.damping(eps, rows)
             extrapolated[i] = damping * softmin(eps, self._side(rows).points[q - 1][None], col_levels.points[q][None], h)
@@ -273,7 +273,7 @@ class Multiscale:
             f_rows, grad_rows = extended[name]
             f_cols, grad_cols = extended[transposed[name]]
             block = row_levels.child_start[q] // _BLOCK_ROWS
-            softmin = RangeSoftmin(self.p, candidates[name])
+            softmin = range_softmin(self.p, candidates[name])
             pieces = []
             for row_index, valid, col_index, padding in softmin.stacked_tiles():
                 col_index = col_index.masked_fill(padding, 0)
@@ -321,7 +321,7 @@ class Multiscale:
         extended = {}
         for name, rows, cols, i, j in self._names():
             row_levels, col_levels = self._side(rows), self._side(cols)
-            softmin = RangeSoftmin(self.p, self.patterns[name].children(None, self._offsets(cols, q), _BLOCK_ROWS))
+            softmin = range_softmin(self.p, self.patterns[name].children(None, self._offsets(cols, q), _BLOCK_ROWS))
             centres = row_levels.points[q][None]
             col_points = col_levels.points[q - 1][None]
             h = (col_levels.log_weights[q - 1] + potentials[j][0] / eps)[None]
@@ -335,7 +335,7 @@ class Multiscale:
     def _set_softmins(self) -> None:
         """Block-sparse softmins of the working level from the cluster patterns."""
         q = self.level + 1
-        self.softmins = {name: RangeSoftmin(self.p, self.patterns[name].children(
+        self.softmins = {name: range_softmin(self.p, self.patterns[name].children(
                              self._offsets(rows, q), self._offsets(cols, q), _BLOCK_ROWS))
                          for name, rows, cols, _, _ in self._names()}
 
@@ -351,6 +351,16 @@ class Multiscale:
                                           self._side(cols).points[0], potentials[i][0], potentials[j][0],
                                           cache_bytes)
         self._refined_at = eps
+
+
+def range_softmin(p: int, pattern: RangePattern, cache_bytes: int = 0) -> RangeSoftmin:
+    """The softmin over a pattern on its device: fused Triton kernels over the ranges on CUDA
+    (:class:`geomed.ot.triton_ranges.TritonRangeSoftmin`), the torch tiles elsewhere."""
+    if pattern.chunk_start.is_cuda and triton_unusable(pattern.chunk_start.device) is None:
+        from .triton_ranges import TritonRangeSoftmin
+
+        return TritonRangeSoftmin(p, pattern)
+    return RangeSoftmin(p, pattern, cache_bytes=cache_bytes)
 
 
 def _refine(softmin: RangeSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
@@ -385,4 +395,4 @@ def _refine(softmin: RangeSoftmin, eps: float, x: torch.Tensor, y: torch.Tensor,
         pieces.append(runs_to_pattern(keep[present], cols[tile_of], first[present], last[present],
                                       pattern.n_rows, pattern.n_cols, gap=_REFINED_GAP))
     refined = concatenate(pieces)
-    return RangeSoftmin(softmin.p, refined, cache_bytes=cache_bytes)
+    return range_softmin(softmin.p, refined, cache_bytes=cache_bytes)

@@ -1,0 +1,135 @@
+r"""The block-sparse softmin on GPUs: the ranges of a :class:`~geomed.ot.blocksparse.RangePattern` reduced by fused
+Triton kernels.
+
+One program per row chunk of the pattern: it takes the chunk's rows ``BLOCK_N`` at a time and sweeps only the
+chunk's kept column ranges, ``BLOCK_M`` columns at a time, computing the costs in registers and folding them into
+one running (online) log-sum-exp per row, as :mod:`geomed.ot.triton_softmin` does over all columns — so the work is
+the kept entries, not N × M, and nothing of that size reaches memory. The soft averages (gradients, plans,
+barycentric maps) are the same sweep with the row's log-sum-exp known: one block matrix product per column block,
+in IEEE float32 (no TF32: the averages feed the gradients, whose accuracy the tests pin). Chunks and ranges come
+straight from the CPU engine's pruning (:mod:`geomed.ot.multiscale`); on CUDA tensors the multiscale geometry
+builds :class:`TritonRangeSoftmin` instead of the torch tiles of :class:`~geomed.ot.blocksparse.RangeSoftmin`.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (how the tests check them without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .blocksparse import RangePattern, RangeSoftmin
+from .triton_softmin import _inverse, _load_rows, _logits, _next_power_of_two
+
+__all__ = ["TritonRangeSoftmin"]
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32})]
+else:
+    _CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_M": cols}, num_warps=warps)
+                for rows, cols, warps in [(32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 128, 4), (64, 128, 8)]]
+_tuned = triton.autotune(configs=_CONFIGS, key=["D", "P"])
+
+
+class TritonRangeSoftmin(RangeSoftmin):
+    """:class:`~geomed.ot.blocksparse.RangeSoftmin` (batch of one) with the softmin, the soft averages and the
+    ``p = 1`` cost gradient computed by fused Triton kernels over the pattern's ranges; O(N + kept ranges)
+    memory."""
+
+    name = "multiscale"
+
+    def __init__(self, p: int, pattern: RangePattern, cache_bytes: int = 0):
+        super().__init__(p, pattern, cache_bytes=0)
+        self._ranges = tuple(t.contiguous() for t in (pattern.chunk_start, pattern.chunk_stop, pattern.range_ptr,
+                                                      pattern.range_start.long(), pattern.range_stop.long()))
+
+    def __call__(self, eps, x, y, h):
+        out = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
+        _range_softmin_kernel[(len(self._ranges[0]),)](
+            x[0].contiguous(), y[0].contiguous(), h[0].contiguous(), out, *self._ranges, _inverse(eps, x),
+            D=x.shape[-1], DP=_next_power_of_two(x.shape[-1]), P=self.p)
+        return out.mul_(-eps).unsqueeze(0)
+
+    def average(self, eps, x, y, h, softmin, values):
+        return self._weighted_sum(eps, x, y, h, softmin, values, divide_by_distance=False)
+
+    def cost_gradient(self, eps, x, y, h, softmin):
+        """Σ_j w_ij (x_i − y_j)/|x_i − y_j| for p = 1 (0 where x_i = y_j), (1, N, D)."""
+        ones = torch.ones(*y.shape[:-1], 1, dtype=y.dtype, device=y.device)
+        sums = self._weighted_sum(eps, x, y, h, softmin, torch.cat([y, ones], -1), divide_by_distance=True)
+        return x * sums[..., -1:] - sums[..., :-1]
+
+    def _weighted_sum(self, eps, x, y, h, softmin, values, *, divide_by_distance):
+        k = values.shape[-1]
+        out = torch.zeros(x.shape[1], k, dtype=x.dtype, device=x.device)
+        lse = (-softmin[0] / eps).contiguous()
+        _range_average_kernel[(len(self._ranges[0]),)](
+            x[0].contiguous(), y[0].contiguous(), h[0].contiguous(), lse, values[0].contiguous(), out,
+            *self._ranges, _inverse(eps, x), K=k, KP=_next_power_of_two(k, 16), D=x.shape[-1],
+            DP=_next_power_of_two(x.shape[-1]), P=self.p, DIVIDE=divide_by_distance)
+        return out.unsqueeze(0)
+
+
+@_tuned
+@triton.jit
+def _range_softmin_kernel(x_ptr, y_ptr, h_ptr, out_ptr, chunk_start_ptr, chunk_stop_ptr, range_ptr_ptr,
+                          range_start_ptr, range_stop_ptr, inv_eps_ptr, D: tl.constexpr, DP: tl.constexpr,
+                          P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """log Σ_{j in the chunk's ranges} exp(h_j − C(x_i, y_j)/ε) for the rows of one chunk (the caller × −ε)."""
+    chunk = tl.program_id(0)
+    row_begin = tl.load(chunk_start_ptr + chunk)
+    row_end = tl.load(chunk_stop_ptr + chunk)
+    first = tl.load(range_ptr_ptr + chunk)
+    last = tl.load(range_ptr_ptr + chunk + 1)
+    inv_eps = tl.load(inv_eps_ptr)
+    for row0 in range(row_begin, row_end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        xs = _load_rows(x_ptr, rows, row_end, D, DP)
+        peak = tl.full((BLOCK_N,), -float("inf"), dtype=xs.dtype)
+        total = tl.zeros((BLOCK_N,), dtype=xs.dtype)
+        for r in range(first, last):
+            column_end = tl.load(range_stop_ptr + r)
+            for start in range(tl.load(range_start_ptr + r), column_end, BLOCK_M):
+                logits, _ = _logits(xs, y_ptr, h_ptr, start + tl.arange(0, BLOCK_M), column_end, inv_eps, D, DP, P)
+                new_peak = tl.maximum(peak, tl.max(logits, 1))
+                shift = tl.where(new_peak == -float("inf"), 0.0, new_peak)
+                total = total * tl.exp(peak - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+                peak = new_peak
+        tl.store(out_ptr + rows, peak + tl.log(total), mask=rows < row_end)
+
+
+@_tuned
+@triton.jit
+def _range_average_kernel(x_ptr, y_ptr, h_ptr, lse_ptr, v_ptr, out_ptr, chunk_start_ptr, chunk_stop_ptr,
+                          range_ptr_ptr, range_start_ptr, range_stop_ptr, inv_eps_ptr, K: tl.constexpr,
+                          KP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, P: tl.constexpr,
+                          DIVIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Σ_{j in the chunk's ranges} exp(h_j − C(x_i, y_j)/ε − lse_i) v_j (÷ |x_i − y_j| if DIVIDE), one chunk."""
+    chunk = tl.program_id(0)
+    row_begin = tl.load(chunk_start_ptr + chunk)
+    row_end = tl.load(chunk_stop_ptr + chunk)
+    first = tl.load(range_ptr_ptr + chunk)
+    last = tl.load(range_ptr_ptr + chunk + 1)
+    inv_eps = tl.load(inv_eps_ptr)
+    channels = tl.arange(0, KP)
+    for row0 in range(row_begin, row_end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        xs = _load_rows(x_ptr, rows, row_end, D, DP)
+        lse = tl.load(lse_ptr + rows, mask=rows < row_end, other=0.0)
+        total = tl.zeros((BLOCK_N, KP), dtype=xs.dtype)
+        for r in range(first, last):
+            column_end = tl.load(range_stop_ptr + r)
+            for start in range(tl.load(range_start_ptr + r), column_end, BLOCK_M):
+                cols = start + tl.arange(0, BLOCK_M)
+                logits, squared = _logits(xs, y_ptr, h_ptr, cols, column_end, inv_eps, D, DP, P)
+                weights = tl.exp(logits - lse[:, None])
+                if DIVIDE:
+                    positive = squared > 0
+                    weights = tl.where(positive, weights / tl.sqrt(tl.where(positive, squared, 1.0)), 0.0)
+                values = tl.load(v_ptr + cols[:, None] * K + channels[None, :],
+                                 mask=(cols[:, None] < column_end) & (channels[None, :] < K), other=0.0)
+                total += tl.dot(weights, values, input_precision="ieee")
+        tl.store(out_ptr + rows[:, None] * K + channels[None, :], total,
+                 mask=(rows[:, None] < row_end) & (channels[None, :] < K))
