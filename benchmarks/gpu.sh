@@ -16,7 +16,9 @@ export KEOPS_CACHE_FOLDER=${KEOPS_CACHE_FOLDER:-/tmp/keops-cache} PYTHONUNBUFFER
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if command -v nvcc >/dev/null; then export CUDA_PATH=${CUDA_PATH:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, triton, geomloss, pykeops; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pykeops', pykeops.__version__, 'geomloss', geomloss.__version__)"
+# flash-sinkhorn travels as a wheel (pip download flash-sinkhorn==0.4.1 --no-deps -d build/wheels; carry build/wheels)
+python3 -c "import flash_sinkhorn" 2>/dev/null || python3 -m pip install --quiet --no-deps build/wheels/flash_sinkhorn-0.4.1-*.whl
+python3 -c "import torch, triton, geomloss, pykeops, flash_sinkhorn; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pykeops', pykeops.__version__, 'geomloss', geomloss.__version__, 'flash-sinkhorn', flash_sinkhorn.__version__)"
 if wants rates; then
 python3 - <<'PY'
 import time, torch
@@ -46,6 +48,11 @@ bench 150 --sizes 10000 --inputs cube surface volume --out "$out/n10k" --repeats
   --libraries geomed geomed-online "${peers[@]}"
 bench 200 --sizes 100000 --inputs cube surface volume --out "$out/n100k" --repeats 2 --reference-max 0 \
   --libraries geomed "${peers[@]:1}"
+# forward against flash-sinkhorn (its multiscale backend has no gradients): geomed's multiscale (Triton ranges)
+bench 300 --sizes 10000 100000 --inputs cube surface volume --out "$out/flash" --repeats 2 --passes fwd \
+  --reference-max 10000 --libraries geomed geomed-multiscale flash-symmetric flash-multiscale
+bench 200 --sizes 1000000 --inputs cube --out "$out/flash-1m" --repeats 1 --passes fwd --reference-max 0 \
+  --libraries geomed-multiscale flash-multiscale
 fi
 if wants kernels; then
   timeout 240 python3 benchmarks/kernels.py --device cuda --sizes 50000 100000 --losses gaussian energy oriented \

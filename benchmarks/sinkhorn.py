@@ -68,6 +68,8 @@ WORKING_MB = 100
 
 INPUTS = ("cube", "surface", "volume")
 GEOMLOSS_BACKENDS = ("tensorized", "online", "multiscale")
+FLASH_BACKENDS = ("symmetric", "multiscale")  # flash-sinkhorn 0.4.1 (CUDA only; multiscale: forward only)
+FLASH_TOLERANCE = 1e-3  # its marginal-residual target, for values within ~0.1% of the converged one (as geomed's)
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ def _run(library: str, inputs: str, n: int, blur_fraction: float, backward: bool
     device = torch.device(device)
     x, y = (points.to(device) for points in _inputs(inputs, n))
     blur = blur_fraction * _diameter(x, y)
-    solve = _geomed_solve(library, y, blur) if library.startswith("geomed") else _geomloss_solve(library, y, blur)
+    solvers = {"geomed": _geomed_solve, "geomloss": _geomloss_solve, "flash": _flash_solve}
+    solve = solvers[library.partition("-")[0]](library, y, blur)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline_mb = _peak_mb(device)
@@ -218,6 +221,22 @@ def _geomloss_solve(library: str, y: torch.Tensor, blur: float):
         with mock.patch.object(samples, "sinkhorn_loop", _counting_loop(samples.sinkhorn_loop, counter)):
             value = loss(points, y)
         return value, {"backend": backend, "softmins": counter[0]}
+
+    return solve
+
+
+def _flash_solve(library: str, y: torch.Tensor, blur: float):
+    """``solve(points) -> (value, counts)``: flash-sinkhorn's debiased ``SamplesLoss("sinkhorn")`` with the cost
+    |x − y|²/2 (``half_cost``, geomed's), TF32 as it defaults, stopped at a marginal residual of
+    ``FLASH_TOLERANCE``; its ``multiscale`` backend has no gradients (run it with ``--passes fwd``)."""
+    from flash_sinkhorn import SamplesLoss
+
+    backend = library.removeprefix("flash-")
+    stop = {"tol": FLASH_TOLERANCE} if backend == "multiscale" else {"threshold": FLASH_TOLERANCE}
+    loss = SamplesLoss("sinkhorn", p=2, blur=blur, debias=True, half_cost=True, backend=backend, **stop)
+
+    def solve(points: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return loss(points, y), {"backend": backend}
 
     return solve
 
@@ -515,13 +534,14 @@ def _report(rows: list[dict], args: argparse.Namespace, device_name: str) -> str
 # --- command line -----------------------------------------------------------------------------------------------
 
 def _library(name: str) -> str:
-    """``--libraries`` entries: geomed, geomed-<backend>, geomloss-<backend>."""
+    """``--libraries`` entries: geomed, geomed-<backend>, geomloss-<backend>, flash-<backend>."""
     from geomed.ot.problem import BACKENDS
 
-    if name in ("geomed", *[f"geomed-{b}" for b in BACKENDS], *[f"geomloss-{b}" for b in GEOMLOSS_BACKENDS]):
+    if name in ("geomed", *[f"geomed-{b}" for b in BACKENDS], *[f"geomloss-{b}" for b in GEOMLOSS_BACKENDS],
+                *[f"flash-{b}" for b in FLASH_BACKENDS]):
         return name
-    raise argparse.ArgumentTypeError(f"{name!r} is not geomed, geomed-<{'|'.join(BACKENDS)}> or "
-                                     f"geomloss-<{'|'.join(GEOMLOSS_BACKENDS)}>")
+    raise argparse.ArgumentTypeError(f"{name!r} is not geomed, geomed-<{'|'.join(BACKENDS)}>, "
+                                     f"geomloss-<{'|'.join(GEOMLOSS_BACKENDS)}> or flash-<{'|'.join(FLASH_BACKENDS)}>")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -532,7 +552,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="point sets (default: all)")
     parser.add_argument("--libraries", type=_library, nargs="+", metavar="LIBRARY",
                         default=["geomed", *[f"geomloss-{b}" for b in reversed(GEOMLOSS_BACKENDS)]],
-                        help="geomed (auto backend), geomed-<backend> or geomloss-<backend>; the table compares the "
+                        help="geomed (auto backend), geomed-<backend>, geomloss-<backend> or flash-<symmetric|multiscale> "
+                             "(flash-sinkhorn 0.4.1, CUDA only); the table compares the "
                              "first geomed and the first GeomLoss entry (default: geomed geomloss-multiscale "
                              "geomloss-online geomloss-tensorized)")
     parser.add_argument("--blur-fraction", type=float, default=0.01,
