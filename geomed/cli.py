@@ -19,6 +19,7 @@ from .image import Image
 from ._files import atomic_path, file_suffix, spreadsheet_safe
 from .io import IMAGE_FORMATS, MESH_FORMATS, read_image, read_mesh
 from .mesh import Mesh
+from .mesh_repair import DEFAULT_MAX_HOLE_RADIUS
 from .morphometry import structure_measurements
 from .registration import MODELS, PRESETS
 from .surface import METHODS
@@ -86,8 +87,9 @@ rigid Sinkhorn registration (both ways), the baseline surface is carried along i
 and the percent volume change is computed directly and from that motion (SIENA-like), with a change map per
 interval and annual rates per subject and group.
 
-TABLE is a CSV or Parquet file with columns subject, timepoint (years, or dates), path (mesh or label map,
-relative to the table's folder), and optionally label (structure; the label id or name for label maps) and group.
+TABLE is a CSV or Parquet file with columns subject, timepoint (years, or dates), path (mesh, label map or
+probability map, relative to the table's folder), and optionally label (structure; the label id or name for label
+maps, empty for a probability map, the channel index of a multi-channel one) and group.
 Outputs in OUTPUT: scans/changes/rates/groups as .parquet and .csv, failures.csv, warnings.csv,
 subjects/<id>/maps/*.vtp, figures/*.png and index.html. A re-run skips subjects already measured with the same
 files and parameters. A subject that cannot be measured (a bad row, file or surface) is listed in failures.csv
@@ -200,6 +202,9 @@ def _add_study_commands(commands) -> None:
                        help="largest surface motion searched between consecutive scans (default: %(default)s mm)")
     study.add_argument("--method", choices=METHODS, default="surface_nets",
                        help="surface extraction for label maps (default: %(default)s)")
+    study.add_argument("--max-hole-radius", type=float, default=DEFAULT_MAX_HOLE_RADIUS, metavar="MM",
+                       help="holes of a mesh up to this radius are closed, with a warning in warnings.csv; larger "
+                            "ones fail the subject (default: %(default)s mm)")
     _add_dask_options(study)
     study.set_defaults(run=_run_study)
     distance = commands.add_parser("distance", help="surface and Sinkhorn distances between two shapes",
@@ -229,7 +234,8 @@ def _add_dask_options(parser: argparse.ArgumentParser) -> None:
 def _run_study(args: argparse.Namespace) -> int:
     from .study import StudyParameters, run_study
 
-    parameters = StudyParameters(preset=args.preset, max_distance=args.max_distance, method=args.method)
+    parameters = StudyParameters(preset=args.preset, max_distance=args.max_distance, method=args.method,
+                                 max_hole_radius=args.max_hole_radius)
     result = run_study(args.table, args.output, parameters=parameters, scheduler=args.scheduler,
                        workers=args.workers)
     _print_study(result)
