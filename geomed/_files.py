@@ -123,16 +123,26 @@ def atomic_path(path: Path, is_folder: bool = False) -> Iterator[Path]:
     temporary = _new_sibling(path.parent, stem, suffix, is_folder)
     try:
         yield temporary
-        if is_folder and path.exists():
-            previous = path.with_name(f".{path.name}.{os.getpid()}.previous")
-            os.replace(path, previous)
-            os.replace(temporary, path)
-            shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+        if is_folder:
+            replace_folder(temporary, path)
         else:
             os.replace(temporary, path)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary) if temporary.is_dir() else temporary.unlink()
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Move the folder ``source`` to ``target``, replacing whatever is there: the old one is first renamed to a
+    hidden ``.<name>.<pid>.previous`` sibling (what :func:`remove_leftovers` clears if this is killed), so that
+    ``target`` is never missing for more than the instant between two renames."""
+    if target.exists():
+        previous = target.with_name(f".{target.name}.{os.getpid()}.previous")
+        os.replace(target, previous)
+        os.replace(source, target)
+        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+    else:
+        os.replace(source, target)
 
 
 def _new_sibling(folder: Path, stem: str, suffix: str, is_folder: bool) -> Path:

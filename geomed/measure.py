@@ -212,9 +212,11 @@ class Measure:
             changed) for arrays.
         """
         if dtype is None and not (isinstance(points, torch.Tensor) and points.is_floating_point()):
-            magnitude = _magnitude(points)
-            dtype = _coordinate_dtype(magnitude, None) if magnitude is not None else None
-        points_t = _as_float_tensor(points, "points", dtype, device)
+            exact = _as_float_tensor(points, "points", torch.float64, device)  # arrays: converted once, in float64
+            finite = exact[torch.isfinite(exact)].abs()
+            points_t = exact.to(_coordinate_dtype(float(finite.max()) if finite.numel() else 0.0, None))
+        else:
+            points_t = _as_float_tensor(points, "points", dtype, device)
         dtype, device = points_t.dtype, points_t.device
         if points_t.ndim < 2:
             raise ValueError(f"points must have shape (..., N, D), got {tuple(points_t.shape)}")
@@ -525,16 +527,6 @@ def _check_occupancy(low: float, high: float, floating: bool) -> None:
 def _voxel_grid(shape: tuple[int, ...], affine: np.ndarray, index: np.ndarray, device) -> VoxelGrid:
     flat = np.ravel_multi_index(tuple(np.asarray(index).T), shape) if len(index) else np.zeros(0, dtype=np.int64)
     return VoxelGrid(shape, affine, torch.as_tensor(flat, dtype=torch.int64, device=device))
-
-
-def _magnitude(points) -> float | None:
-    """Largest |coordinate| of array-like points (None if they are not numbers: the conversion names the error)."""
-    try:
-        values = np.abs(np.asarray(points, dtype=np.float64))
-    except (TypeError, ValueError):
-        return None
-    finite = values[np.isfinite(values)]
-    return float(finite.max()) if finite.size else 0.0
 
 
 def _grid_magnitude(shape: tuple[int, ...], affine: np.ndarray) -> float:

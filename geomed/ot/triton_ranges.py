@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .blocksparse import RangePattern, RangeSoftmin
-from .triton_softmin import _inverse, _load_rows, _logits, _next_power_of_two
+from .triton_softmin import _average_step, _inverse, _load_rows, _lse_step, _next_power_of_two
 
 __all__ = ["TritonRangeSoftmin"]
 
@@ -72,17 +72,21 @@ class TritonRangeSoftmin(RangeSoftmin):
         return out.unsqueeze(0)
 
 
+@triton.jit
+def _chunk(chunk_start_ptr, chunk_stop_ptr, range_ptr_ptr):
+    """This program's chunk: its rows [row_begin, row_end) and its ranges [first, last)."""
+    chunk = tl.program_id(0)
+    return (tl.load(chunk_start_ptr + chunk), tl.load(chunk_stop_ptr + chunk), tl.load(range_ptr_ptr + chunk),
+            tl.load(range_ptr_ptr + chunk + 1))
+
+
 @_tuned
 @triton.jit
 def _range_softmin_kernel(x_ptr, y_ptr, h_ptr, out_ptr, chunk_start_ptr, chunk_stop_ptr, range_ptr_ptr,
                           range_start_ptr, range_stop_ptr, inv_eps_ptr, D: tl.constexpr, DP: tl.constexpr,
                           P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """log Σ_{j in the chunk's ranges} exp(h_j − C(x_i, y_j)/ε) for the rows of one chunk (the caller × −ε)."""
-    chunk = tl.program_id(0)
-    row_begin = tl.load(chunk_start_ptr + chunk)
-    row_end = tl.load(chunk_stop_ptr + chunk)
-    first = tl.load(range_ptr_ptr + chunk)
-    last = tl.load(range_ptr_ptr + chunk + 1)
+    row_begin, row_end, first, last = _chunk(chunk_start_ptr, chunk_stop_ptr, range_ptr_ptr)
     inv_eps = tl.load(inv_eps_ptr)
     for row0 in range(row_begin, row_end, BLOCK_N):
         rows = row0 + tl.arange(0, BLOCK_N)
@@ -92,11 +96,8 @@ def _range_softmin_kernel(x_ptr, y_ptr, h_ptr, out_ptr, chunk_start_ptr, chunk_s
         for r in range(first, last):
             column_end = tl.load(range_stop_ptr + r)
             for start in range(tl.load(range_start_ptr + r), column_end, BLOCK_M):
-                logits, _ = _logits(xs, y_ptr, h_ptr, start + tl.arange(0, BLOCK_M), column_end, inv_eps, D, DP, P)
-                new_peak = tl.maximum(peak, tl.max(logits, 1))
-                shift = tl.where(new_peak == -float("inf"), 0.0, new_peak)
-                total = total * tl.exp(peak - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
-                peak = new_peak
+                peak, total = _lse_step(xs, y_ptr, h_ptr, start + tl.arange(0, BLOCK_M), column_end, inv_eps, peak,
+                                        total, D, DP, P)
         tl.store(out_ptr + rows, peak + tl.log(total), mask=rows < row_end)
 
 
@@ -107,11 +108,7 @@ def _range_average_kernel(x_ptr, y_ptr, h_ptr, lse_ptr, v_ptr, out_ptr, chunk_st
                           KP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, P: tl.constexpr,
                           DIVIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Σ_{j in the chunk's ranges} exp(h_j − C(x_i, y_j)/ε − lse_i) v_j (÷ |x_i − y_j| if DIVIDE), one chunk."""
-    chunk = tl.program_id(0)
-    row_begin = tl.load(chunk_start_ptr + chunk)
-    row_end = tl.load(chunk_stop_ptr + chunk)
-    first = tl.load(range_ptr_ptr + chunk)
-    last = tl.load(range_ptr_ptr + chunk + 1)
+    row_begin, row_end, first, last = _chunk(chunk_start_ptr, chunk_stop_ptr, range_ptr_ptr)
     inv_eps = tl.load(inv_eps_ptr)
     channels = tl.arange(0, KP)
     for row0 in range(row_begin, row_end, BLOCK_N):
@@ -122,14 +119,7 @@ def _range_average_kernel(x_ptr, y_ptr, h_ptr, lse_ptr, v_ptr, out_ptr, chunk_st
         for r in range(first, last):
             column_end = tl.load(range_stop_ptr + r)
             for start in range(tl.load(range_start_ptr + r), column_end, BLOCK_M):
-                cols = start + tl.arange(0, BLOCK_M)
-                logits, squared = _logits(xs, y_ptr, h_ptr, cols, column_end, inv_eps, D, DP, P)
-                weights = tl.exp(logits - lse[:, None])
-                if DIVIDE:
-                    positive = squared > 0
-                    weights = tl.where(positive, weights / tl.sqrt(tl.where(positive, squared, 1.0)), 0.0)
-                values = tl.load(v_ptr + cols[:, None] * K + channels[None, :],
-                                 mask=(cols[:, None] < column_end) & (channels[None, :] < K), other=0.0)
-                total += tl.dot(weights, values, input_precision="ieee")
+                total = _average_step(xs, y_ptr, h_ptr, v_ptr, lse, start + tl.arange(0, BLOCK_M), column_end,
+                                      inv_eps, total, K, KP, D, DP, P, DIVIDE)
         tl.store(out_ptr + rows[:, None] * K + channels[None, :], total,
                  mask=(rows[:, None] < row_end) & (channels[None, :] < K))

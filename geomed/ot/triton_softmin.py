@@ -114,6 +114,33 @@ def _logits(xs, y_ptr, h_ptr, cols, m, inv_eps, D: tl.constexpr, DP: tl.constexp
 
 
 @triton.jit
+def _lse_step(xs, y_ptr, h_ptr, cols, m, inv_eps, peak, total, D: tl.constexpr, DP: tl.constexpr,
+              P: tl.constexpr):
+    """Fold one block of columns (those below m) into the rows' running maximum and sum (online log-sum-exp)."""
+    logits, _ = _logits(xs, y_ptr, h_ptr, cols, m, inv_eps, D, DP, P)
+    new_peak = tl.maximum(peak, tl.max(logits, 1))
+    shift = tl.where(new_peak == -float("inf"), 0.0, new_peak)
+    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+    return new_peak, total
+
+
+@triton.jit
+def _average_step(xs, y_ptr, h_ptr, v_ptr, lse, cols, m, inv_eps, total, K: tl.constexpr, KP: tl.constexpr,
+                  D: tl.constexpr, DP: tl.constexpr, P: tl.constexpr, DIVIDE: tl.constexpr):
+    """Add one block of columns (those below m) to the rows' soft averages Σ_j exp(ℓ_ij − lse_i) v_j (divided by
+    |x_i − y_j| if DIVIDE), an IEEE block product."""
+    logits, squared = _logits(xs, y_ptr, h_ptr, cols, m, inv_eps, D, DP, P)
+    weights = tl.exp(logits - lse[:, None])
+    if DIVIDE:
+        positive = squared > 0
+        weights = tl.where(positive, weights / tl.sqrt(tl.where(positive, squared, 1.0)), 0.0)
+    channels = tl.arange(0, KP)
+    values = tl.load(v_ptr + cols[:, None] * K + channels[None, :],
+                     mask=(cols[:, None] < m) & (channels[None, :] < K), other=0.0)
+    return total + tl.dot(weights, values, input_precision="ieee")
+
+
+@triton.jit
 def _load_rows(x_ptr, rows, n, D: tl.constexpr, DP: tl.constexpr):
     dims = tl.arange(0, DP)
     return tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < n) & (dims[None, :] < D),
@@ -136,11 +163,7 @@ def _softmin_kernel(x_ptr, y_ptr, h_ptr, out_ptr, n, m, inv_eps_ptr, D: tl.const
     peak = tl.full((BLOCK_N,), -float("inf"), dtype=xs.dtype)
     total = tl.zeros((BLOCK_N,), dtype=xs.dtype)
     for start in range(0, m, BLOCK_M):
-        logits, _ = _logits(xs, y_ptr, h_ptr, start + tl.arange(0, BLOCK_M), m, inv_eps, D, DP, P)
-        new_peak = tl.maximum(peak, tl.max(logits, 1))
-        shift = tl.where(new_peak == -float("inf"), 0.0, new_peak)
-        total = total * tl.exp(peak - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
-        peak = new_peak
+        peak, total = _lse_step(xs, y_ptr, h_ptr, start + tl.arange(0, BLOCK_M), m, inv_eps, peak, total, D, DP, P)
     tl.store(out_ptr + rows, peak + tl.log(total), mask=rows < n)
 
 
@@ -164,14 +187,7 @@ def _average_kernel(x_ptr, y_ptr, h_ptr, lse_ptr, v_ptr, out_ptr, n, m, inv_eps_
     channels = tl.arange(0, KP)
     total = tl.zeros((BLOCK_N, KP), dtype=xs.dtype)
     for start in range(0, m, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        logits, squared = _logits(xs, y_ptr, h_ptr, cols, m, inv_eps, D, DP, P)
-        weights = tl.exp(logits - lse[:, None])
-        if DIVIDE:
-            positive = squared > 0
-            weights = tl.where(positive, weights / tl.sqrt(tl.where(positive, squared, 1.0)), 0.0)
-        values = tl.load(v_ptr + cols[:, None] * K + channels[None, :],
-                         mask=(cols[:, None] < m) & (channels[None, :] < K), other=0.0)
-        total += tl.dot(weights, values, input_precision="ieee")
+        total = _average_step(xs, y_ptr, h_ptr, v_ptr, lse, start + tl.arange(0, BLOCK_M), m, inv_eps, total, K, KP,
+                              D, DP, P, DIVIDE)
     tl.store(out_ptr + rows[:, None] * K + channels[None, :], total,
              mask=(rows[:, None] < n) & (channels[None, :] < K))

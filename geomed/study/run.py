@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._files import readable_input, remove_leftovers, spreadsheet_safe
+from .._files import readable_input, remove_leftovers, replace_folder, spreadsheet_safe
 from .cache import cached_outcome, json_value, subject_key
 from .lock import output_lock
 from .parameters import StudyParameters
@@ -193,7 +193,7 @@ def _publish(result: StudyResult, parameters: StudyParameters, table: Path, repo
         for item in sorted(staging.iterdir(), key=lambda path: path.name == "index.html"):
             target = output / item.name
             if item.is_dir():
-                _replace_folder(item, target)
+                replace_folder(item, target)
             else:
                 os.replace(item, target)
         if not report:
@@ -205,16 +205,6 @@ def _publish(result: StudyResult, parameters: StudyParameters, table: Path, repo
                       "the previous tables and report are left as they were") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    if target.exists():
-        previous = target.with_name(f".{target.name}.{os.getpid()}.previous")
-        os.replace(target, previous)
-        os.replace(source, target)
-        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
-    else:
-        os.replace(source, target)
 
 
 def _csv_safe(frame):
