@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -45,7 +46,7 @@ from geomed.study import run_study
 from geomed.synthetic_cohort import STRUCTURES, synthetic_cohort
 
 _LOOPBACK = "127.0.0.1"
-_STARTUP_SECONDS = 120
+_STARTUP_SECONDS = 120  # a cold worker imports geomed, torch and VTK on a busy 2-core machine
 _STOP_SECONDS = 30
 _COMPARED = ["direct_percent", "registration_percent", "forward_percent", "backward_percent"]
 _HEADER = ("cluster", "subjects (intervals)", "wall s", "s / subject", "subjects / min", "speed-up vs 1 worker",
@@ -80,10 +81,19 @@ def _check_running(processes: list[subprocess.Popen], deadline: float, waiting_f
         raise RuntimeError(f"loopback Dask cluster: {reason} while waiting for {waiting_for}\n{logs}")
 
 
+@dataclass
+class LoopbackCluster:
+    """A running loopback cluster: its scheduler's address and its workers' processes."""
+
+    address: str
+    workers: list[subprocess.Popen]
+
+
 @contextmanager
-def _loopback_cluster(workers: int, folder: Path) -> Iterator[str]:
-    """A ``dask scheduler`` and ``workers`` single-threaded ``dask worker`` processes on 127.0.0.1 (free ports),
-    yielded as the scheduler's address once every worker is connected; all stopped on exit."""
+def loopback_cluster(workers: int, folder: Path) -> Iterator[LoopbackCluster]:
+    """A ``dask scheduler`` and ``workers`` single-threaded ``dask worker`` processes on 127.0.0.1 (free ports, their
+    HTTP servers too), yielded once every worker is connected; all stopped on exit, whatever happened (the workers
+    first). ``tests/test_study_distributed.py`` runs the study on it too."""
     from distributed import Client
 
     folder.mkdir(parents=True)
@@ -109,7 +119,7 @@ def _loopback_cluster(workers: int, folder: Path) -> Iterator[str]:
             while len(client.scheduler_info()["workers"]) < workers:
                 _check_running(processes, deadline, f"{workers} workers to connect", folder)
                 time.sleep(0.2)
-        yield address
+        yield LoopbackCluster(address, processes[1:])
     finally:
         for process in reversed(processes):  # the workers first, then the scheduler
             _stop(process)
@@ -184,8 +194,8 @@ def main() -> None:
         changes.append(reference)
         for workers in args.workers:
             name = f"{workers} worker{'s' if workers > 1 else ''}"
-            with _loopback_cluster(workers, work / f"cluster-{workers}") as address:
-                row, measured = _measure(name, cohort.table, work / f"study-{workers}", address)
+            with loopback_cluster(workers, work / f"cluster-{workers}") as cluster:
+                row, measured = _measure(name, cohort.table, work / f"study-{workers}", cluster.address)
             rows.append(row)
             changes.append(measured)
     table = pd.DataFrame(rows)

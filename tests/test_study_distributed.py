@@ -4,12 +4,9 @@ in-process numbers, and its subjects are measured in those worker processes (iss
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,8 +20,7 @@ from geomed.synthetic_cohort import synthetic_cohort
 pytestmark = pytest.mark.slow
 
 _LOOPBACK = "127.0.0.1"
-_STARTUP_SECONDS = 120  # a cold worker imports geomed, torch and VTK on a busy 2-core machine
-_STOP_SECONDS = 30
+_BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "study_throughput.py"
 
 
 @pytest.fixture(scope="module")
@@ -40,90 +36,24 @@ def reference(cohort, tmp_path_factory):
     return run_study(cohort.table, tmp_path_factory.mktemp("reference"), workers=2, progress=False, report=False)
 
 
-@dataclass
-class _Cluster:
-    """A running loopback cluster: its scheduler's address, a client watching it and the workers' processes."""
-
-    address: str
-    client: Client
-    workers: list[subprocess.Popen]
-
-
-def _start(log: Path, *arguments: str) -> subprocess.Popen:
-    """Start ``dask ARGUMENTS`` (with this interpreter), its stdout and stderr going to ``log``."""
-    with open(log, "wb") as stream:
-        return subprocess.Popen([sys.executable, "-m", "dask", *arguments], stdout=stream,
-                                stderr=subprocess.STDOUT, cwd=log.parent)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM (a worker's nanny then closes its worker), SIGKILL if it is still running after a while."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _logs(folder: Path) -> str:
-    """The end of every process's log, for a failure message."""
-    return "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-3000:]}"
-                     for log in sorted(folder.glob("*.log")))
-
-
-def _fail_unless_running(processes: dict[str, subprocess.Popen], deadline: float, waiting_for: str,
-                         logs: Path) -> None:
-    """Fail the test, showing the processes' logs, if one of them exited or the deadline has passed."""
-    exited = {name: process.returncode for name, process in processes.items() if process.poll() is not None}
-    if exited or time.monotonic() > deadline:
-        reason = f"exited ({exited})" if exited else f"not ready after {_STARTUP_SECONDS} s"
-        pytest.fail(f"loopback Dask cluster {reason} while waiting for {waiting_for}\n{_logs(logs)}")
-
-
-def _scheduler_address(scheduler_file: Path, processes: dict[str, subprocess.Popen], deadline: float,
-                       logs: Path) -> str:
-    """The address the scheduler wrote to its scheduler file once it listens."""
-    while True:
-        try:
-            return json.loads(scheduler_file.read_text())["address"]
-        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or half written
-            _fail_unless_running(processes, deadline, "the scheduler", logs)
-            time.sleep(0.1)
+def _benchmark():
+    """benchmarks/study_throughput.py, whose loopback cluster this test runs on (one way to start it)."""
+    spec = importlib.util.spec_from_file_location("study_throughput", _BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
 def cluster(tmp_path):
     """A ``dask scheduler`` and two ``dask worker`` processes (one thread each, under their nannies) on 127.0.0.1
-    with free ports, their HTTP servers too; ready once both workers are connected. All are stopped at teardown,
-    whatever happened."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    scheduler_file = tmp_path / "scheduler.json"
-    processes: dict[str, subprocess.Popen] = {}
-    client = None
-    deadline = time.monotonic() + _STARTUP_SECONDS
-    try:
-        processes["scheduler"] = _start(logs / "scheduler.log", "scheduler", "--host", _LOOPBACK, "--port", "0",
-                                        "--dashboard-address", f"{_LOOPBACK}:0", "--scheduler-file",
-                                        str(scheduler_file))
-        address = _scheduler_address(scheduler_file, processes, deadline, logs)
-        assert address.startswith(f"tcp://{_LOOPBACK}:")
-        for name in ("worker-1", "worker-2"):
-            processes[name] = _start(logs / f"{name}.log", "worker", address, "--name", name, "--host", _LOOPBACK,
-                                     "--nthreads", "1", "--dashboard-address", f"{_LOOPBACK}:0",
-                                     "--local-directory", str(tmp_path / name), "--death-timeout", "60")
-        client = Client(address, timeout=_STARTUP_SECONDS, set_as_default=False)
-        while len(client.scheduler_info()["workers"]) < 2:
-            _fail_unless_running(processes, deadline, "both workers to connect", logs)
-            time.sleep(0.2)
-        yield _Cluster(address, client, [processes["worker-1"], processes["worker-2"]])
-    finally:
-        if client is not None:
-            client.close()
-        for process in reversed(processes.values()):  # the workers first, then the scheduler
-            _stop(process)
+    with free ports, their HTTP servers too, and a client watching it; all stopped at teardown, whatever
+    happened."""
+    with _benchmark().loopback_cluster(2, tmp_path / "cluster") as running:
+        assert running.address.startswith(f"tcp://{_LOOPBACK}:")
+        with Client(running.address, set_as_default=False) as client:
+            yield running, client
 
 
 def _table(output: Path, name: str) -> pd.DataFrame:
@@ -134,8 +64,9 @@ def _table(output: Path, name: str) -> pd.DataFrame:
 def test_study_on_a_scheduler_and_two_worker_processes_gives_the_in_process_numbers(cohort, reference, cluster,
                                                                                     tmp_path):
     output = tmp_path / "study"
-    with get_task_stream(cluster.client) as stream:
-        assert main(["study", str(cohort.table), "-o", str(output), "--scheduler", cluster.address]) == 0
+    running, client = cluster
+    with get_task_stream(client) as stream:
+        assert main(["study", str(cohort.table), "-o", str(output), "--scheduler", running.address]) == 0
     for name in ("changes", "rates"):
         expected = getattr(reference, name).drop(columns="seconds", errors="ignore")
         pd.testing.assert_frame_equal(_table(output, name), expected, check_exact=False, rtol=1e-9, atol=1e-12)
@@ -145,7 +76,7 @@ def test_study_on_a_scheduler_and_two_worker_processes_gives_the_in_process_numb
     ran = {entry["key"]: entry["worker"] for entry in stream.data if str(entry["key"]).startswith("geomed-subject-")}
     assert sorted(key.rsplit("-", 1)[0] for key in ran) == [f"geomed-subject-{subject}"
                                                            for subject in sorted(reference.changes["subject"])]
-    parents = cluster.client.run(os.getppid)
+    parents = client.run(os.getppid)
     assert set(ran.values()) == set(parents), f"both workers should have measured a subject: {ran}"
-    assert sorted(parents.values()) == sorted(worker.pid for worker in cluster.workers)
-    assert os.getpid() not in cluster.client.run(os.getpid).values()
+    assert sorted(parents.values()) == sorted(worker.pid for worker in running.workers)
+    assert os.getpid() not in client.run(os.getpid).values()
