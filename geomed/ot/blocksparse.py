@@ -199,15 +199,24 @@ class RangeSoftmin(TiledSoftmin):
         super().__init__(p)
         self.pattern = pattern
         self.kept = pattern.kept
-        self._groups = _plan_groups(pattern)
-        stacked = sum(len(group.chunks) * group.width for group in self._groups)
-        rows = sum(len(group.chunks) * group.rows for group in self._groups)
-        self._cache_columns = 4 * stacked <= cache_bytes
-        self._cache_tiles = 4 * stacked + 20 * stacked + 20 * rows <= cache_bytes
+        self._planned: list[_Group] | None = None
+        self._cache_columns = self._cache_tiles = False
+        if cache_bytes > 0:
+            stacked = sum(len(group.chunks) * group.width for group in self._groups)
+            rows = sum(len(group.chunks) * group.rows for group in self._groups)
+            self._cache_columns = 4 * stacked <= cache_bytes
+            self._cache_tiles = 4 * stacked + 20 * stacked + 20 * rows <= cache_bytes
         self._columns: list | None = None
         self._tiles_key: tuple | None = None
         self._tiles: list = []
         self._previous: tuple | None = None
+
+    @property
+    def _groups(self) -> list[_Group]:
+        """The chunks' group plan, made on first use (the Triton kernels never need it)."""
+        if self._planned is None:
+            self._planned = _plan_groups(self.pattern)
+        return self._planned
 
     def stacked_tiles(self):
         """(rows (k, R), valid rows (k, R), columns (k, W), padding (k, W)) of every group, in turn; padded

@@ -87,11 +87,13 @@ def solve_tensors(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, beta: t
         else:
             center = (x.detach().sum(1, keepdim=True) + y.detach().sum(1, keepdim=True)) / (x.shape[1] + y.shape[1])
             x, y = x - center, y - center
+        offset = center.detach().abs().max().double()
         if diameter is None:
             upper = torch.maximum(x.detach().amax(1), y.detach().amax(1)).double()
             lower = torch.minimum(x.detach().amin(1), y.detach().amin(1)).double()
-            diameter = max(float((upper - lower).norm(dim=-1).max()), blur)
-        _check_scale(diameter, blur, p, dtype, float(center.detach().abs().max()))
+            extent, offset = torch.stack([(upper - lower).norm(dim=-1).max(), offset]).tolist()  # one read
+            diameter = max(extent, blur)
+        _check_scale(diameter, blur, p, dtype, float(offset))
         name = "grid" if grid is not None else choose_backend(backend, x.shape[1], y.shape[1], x.shape[-1], x.device)
         identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
         problem = Problem(p=p, blur=blur, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,

@@ -41,7 +41,7 @@ class TritonRangeSoftmin(RangeSoftmin):
     name = "multiscale"
 
     def __init__(self, p: int, pattern: RangePattern, cache_bytes: int = 0):
-        super().__init__(p, pattern, cache_bytes=0)
+        super().__init__(p, pattern)  # no tile cache: the kernels compute their tiles on the fly
         self._ranges = tuple(t.contiguous() for t in (pattern.chunk_start, pattern.chunk_stop, pattern.range_ptr,
                                                       pattern.range_start.long(), pattern.range_stop.long()))
 
