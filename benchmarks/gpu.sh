@@ -4,12 +4,14 @@
 # probe finds a working KeOps (a broken KeOps build can crash the process).
 # Then the kernel losses (benchmarks/kernels.py), the grid Sinkhorn (benchmarks/grid.py) and the MONAI losses
 # (benchmarks/monai_losses.py, after the losses' CUDA tests). GRID_SIZES (default "64 128 256") sets the grid sizes.
-# Usage: benchmarks/gpu.sh OUT_DIR [SECTION ...], sections: rates sinkhorn kernels grid monai (default: all). Inputs
+# First, the tests of the GPU code compiled for the card (the fused softmin and range kernels, the grid solve's CUDA
+# graph), which CI runs only under Triton's interpreter or not at all.
+# Usage: benchmarks/gpu.sh OUT_DIR [SECTION ...], sections: tests rates sinkhorn kernels grid monai (default: all). Inputs
 # are cached in build/benchmark-inputs by CPU runs of the benchmarks, since the GPU machine may lack VTK/SimpleITK.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR [rates|sinkhorn|kernels|grid|monai ...]}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|rates|sinkhorn|kernels|grid|monai ...]}
 shift
-sections=${*:-rates sinkhorn kernels grid monai}
+sections=${*:-tests rates sinkhorn kernels grid monai}
 wants() { [[ " $sections " == *" $1 "* ]]; }
 mkdir -p "$out"
 export KEOPS_CACHE_FOLDER=${KEOPS_CACHE_FOLDER:-/tmp/keops-cache} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -19,6 +21,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # flash-sinkhorn travels as a wheel (pip download flash-sinkhorn==0.4.1 --no-deps -d build/wheels; carry build/wheels)
 python3 -c "import flash_sinkhorn" 2>/dev/null || python3 -m pip install --quiet --no-deps build/wheels/flash_sinkhorn-0.4.1-*.whl
 python3 -c "import torch, triton, geomloss, pykeops, flash_sinkhorn; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pykeops', pykeops.__version__, 'geomloss', geomloss.__version__, 'flash-sinkhorn', flash_sinkhorn.__version__)"
+if wants tests; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_triton_softmin.py \
+    tests/test_triton_ranges.py tests/test_grid.py::test_grid_solve_replays_as_a_cuda_graph 2>&1 | tee "$out/gpu_tests.txt"
+fi
 if wants rates; then
 python3 - <<'PY'
 import time, torch

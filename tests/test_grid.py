@@ -409,3 +409,88 @@ def test_dense_weights_with_empty_regions_keep_every_voxels_potential():
         torch.testing.assert_close(result.f[0, channel], expected.f, rtol=1e-5, atol=1e-5)
         (expected_gradient,) = torch.autograd.grad(expected.value, weights_a)
         torch.testing.assert_close(gradient[0, channel].reshape(-1), expected_gradient, rtol=1e-5, atol=1e-6)
+
+
+def _segmentation_pair(shape=(23, 18, 9)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A soft prediction (positive everywhere, as a softmax) and a one-hot target offset from it, (1, 2, *shape)."""
+    generator = torch.Generator().manual_seed(11)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"))
+    centre = torch.tensor(shape, dtype=torch.float64).view(3, 1, 1, 1) / 2
+    logits = -((grid - centre) ** 2).sum(0) / 20 + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    prediction = torch.stack([torch.sigmoid(logits + 2), torch.sigmoid(-logits - 2)])[None]
+    inside = (((grid - centre - 1.5) / torch.tensor([6.0, 5.0, 3.0]).view(3, 1, 1, 1)) ** 2).sum(0) < 1
+    target = torch.stack([inside, ~inside]).to(torch.float64)[None]
+    return prediction, target
+
+
+@pytest.mark.parametrize("reach", [None, 6.0])
+def test_whole_grid_passes_solve_as_the_support_restricted_ones(reach):
+    """The pyramid with whole-grid passes (fixed shapes, no host reads: what a CUDA graph records) finds the
+    potentials of the support-restricted one, on a soft prediction against a one-hot target, from the first ε to
+    the extrapolation (``max_iter=0``) and at the final blur (``tol``)."""
+    from geomed.ot.problem import Problem, reaches
+    from geomed.ot.schedule import EpsilonSchedule
+    from geomed.ot.solver import sinkhorn_loop
+
+    prediction, target = _segmentation_pair()
+    shape, spacing = prediction.shape[2:], (1.0, 1.2, 2.5)
+    alpha, beta = prediction.reshape(2, -1), target.reshape(2, -1)
+    if reach is None:
+        alpha, beta = alpha / alpha.sum(-1, keepdim=True), beta / beta.sum(-1, keepdim=True)
+    rho = reaches(reach, 2)
+    points = alpha.new_zeros(2, alpha.shape[1], 3)  # not read by the grid's softmins
+    for tol, max_iter in ((None, 0), (1e-6, 500)):
+        problem = Problem(2, 1.5, *rho, True, False, tol, max_iter, EpsilonSchedule(40.0, 1.5, 2, 0.5))
+        solutions = [sinkhorn_loop(GridPyramid(points, points, alpha, beta, shape, spacing, problem.damping,
+                                               full_passes=full), problem) for full in (False, True)]
+        for restricted, whole in zip(solutions[0].potentials, solutions[1].potentials):
+            torch.testing.assert_close(whole, restricted, rtol=1e-9, atol=1e-9)
+        if tol is None:  # nothing decided on the error: it stays on the device, unread
+            assert isinstance(solutions[1].error, torch.Tensor)
+            assert float(solutions[1].error) == pytest.approx(float(solutions[0].error), rel=1e-6)
+        else:
+            assert solutions[1].converged and solutions[0].converged
+
+
+def test_axis_kernels_are_built_once_per_grid_and_eps():
+    """A second solve of the same grid and schedule (a training step) builds no kernel constants again: every
+    kernel it uses comes out of the cache, the same objects as the first solve's."""
+    from geomed.ot.grid import axis_kernels
+
+    prediction, target = _segmentation_pair((12, 10, 8))
+    with axis_kernels.recording() as first:
+        grid_sinkhorn_divergence(prediction, target, blur=1.0, reach=5.0, tol=None, max_iter=0)
+    with axis_kernels.recording() as second:
+        grid_sinkhorn_divergence(prediction * 0.9, target, blur=1.0, reach=5.0, tol=None, max_iter=0)
+    assert first and [id(k) for k in first] == [id(k) for k in second]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_grid_solve_replays_as_a_cuda_graph():
+    """On CUDA the loss's solve (tol=None, max_iter=0) is recorded once and replayed: values and gradients equal
+    the CPU's, a second call with other weights replays the graph (and equals its own eager solve), and the
+    replay reads nothing on the host."""
+    from geomed.ot import grid_graphs
+
+    prediction, target = _segmentation_pair()
+    options = dict(blur=1.5, spacing=(1.0, 1.2, 2.5), reach=6.0, tol=None, max_iter=0)
+    for scale in (1.0, 0.7):
+        cpu = prediction.clone().mul_(scale).requires_grad_()
+        expected = grid_sinkhorn_divergence(cpu, target, **options)
+        expected.value.sum().backward()
+        cuda = prediction.cuda().mul_(scale).requires_grad_()
+        graphs_before = len(grid_graphs._graphs)
+        result = grid_sinkhorn_divergence(cuda, target.cuda(), **options)
+        result.value.sum().backward()
+        torch.testing.assert_close(result.value.cpu(), expected.value.detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(cuda.grad.cpu(), cpu.grad, rtol=1e-9, atol=1e-12)
+        assert result.marginal_error == pytest.approx(expected.marginal_error, rel=1e-6)
+        assert len(grid_graphs._graphs) == (graphs_before + 1 if scale == 1.0 else graphs_before)
+    captured = next(reversed(grid_graphs._graphs.values()))
+    assert captured is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        captured.graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -49,9 +49,11 @@ Final blur on the coarse levels first
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,6 +72,7 @@ _CLAMP = -460.0
 _COARSEST = 16
 _COARSE_FIRST = 1.5
 _PRODUCTS_PER_EXPONENTIAL = 48
+_KERNEL_CACHE_BYTES = 2**28
 
 
 class GridSoftmin:
@@ -140,10 +143,10 @@ class GridSoftmin:
         key = (eps, device)
         if key not in self._kernels:
             if self._plan is None:
-                kernels = [AxisKernel.build(rows, cols, eps, device) for rows, cols in zip(self.rows, self.cols)]
+                kernels = [axis_kernels.get(rows, cols, eps, device) for rows, cols in zip(self.rows, self.cols)]
                 order = tuple(range(len(kernels)))
             else:
-                kernels = [AxisKernel.build(rows[used_rows], cols[used_cols], eps, device) for rows, cols, used_rows,
+                kernels = [axis_kernels.get(rows[used_rows], cols[used_cols], eps, device) for rows, cols, used_rows,
                            used_cols in zip(self.rows, self.cols, self._plan.row_axes, self._plan.col_axes)]
                 order = self._plan.cheapest_order(kernels)
             self._kernels = {key: (kernels, order)}
@@ -163,7 +166,10 @@ class GridPyramid:
 
     Every softmin reads only the voxels that carry mass and, with ``on_support``, computes only those
     (:class:`_SupportPlan`); without it the input grid's softmins compute every voxel (the potentials of dense
-    weights are returned everywhere, and the gradients w.r.t. zero weights need them).
+    weights are returned everywhere, and the gradients w.r.t. zero weights need them). With ``full_passes`` every
+    softmin reduces the whole grid instead, reading −∞ off the supports (the same values up to rounding): more
+    work on the CPU, but shapes that do not depend on the weights and no read of them on the host — what a CUDA
+    graph needs (:mod:`geomed.ot.grid_graphs`).
 
     With a ``problem`` that has a ``tol`` and level 1 voxels at most ``_COARSE_FIRST`` (1.5) blurs wide, the final
     blur is solved on the coarse levels first: the ε-scaling stays on level 1 or coarser, and at the final ε the
@@ -184,6 +190,8 @@ class GridPyramid:
         The solve's problem, for the final blur on the coarse levels (None: the input grid only).
     on_support : bool
         Whether only the potentials on the voxels with mass are wanted (masks).
+    full_passes : bool
+        Whether every softmin reduces the whole grid (fixed shapes, no host reads; excludes ``on_support``).
     """
 
     order = None
@@ -191,19 +199,25 @@ class GridPyramid:
     pattern_bytes = 0
 
     def __init__(self, x, y, alpha, beta, shape: Sequence[int], spacing: Sequence[float], damping, *,
-                 problem: Problem | None = None, on_support: bool = False):
+                 problem: Problem | None = None, on_support: bool = False, full_passes: bool = False):
+        if on_support and full_passes:
+            raise ValueError("on_support and full_passes exclude each other")
         self.damping = damping
         self._fine = (x, y)
         self._on_support = on_support
+
+        def supports(alpha, beta):
+            return (None, None) if full_passes else (_support(alpha), _support(beta))
+
         coordinates = [torch.arange(int(n), dtype=torch.float64) * float(s) for n, s in zip(shape, spacing)]
         self.levels = [(coordinates, alpha.log(), beta.log())]
-        self.supports = [(_support(alpha), _support(beta))]
+        self.supports = [supports(alpha, beta)]
         self.cells = [0.0]
         while max(len(c) for c in coordinates) > _COARSEST:
             alpha, beta = (_pool_weights(w, [len(c) for c in coordinates]) for w in (alpha, beta))
             coordinates = [_pool_coordinates(c) for c in coordinates]
             self.levels.append((coordinates, alpha.log(), beta.log()))
-            self.supports.append((_support(alpha), _support(beta)))
+            self.supports.append(supports(alpha, beta))
             self.cells.append(max(float(c[1] - c[0]) for c in coordinates if len(c) > 1))
         self.level = len(self.levels) - 1
         self._coarse_first = problem if (problem is not None and problem.tol is not None and problem.max_iter > 0
@@ -396,6 +410,59 @@ class AxisKernel:
             take = (torch.arange(len(rows)) + torch.repeat_interleave(torch.arange(len(starts)) * size - starts,
                                                                        counts)).to(device)
         return cls(len(rows), shifts.to(device), matrices.to(device), offsets.to(device), take)
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory held by the constants."""
+        tensors = [self.shifts, self.matrices, self.offsets] + ([] if self.take is None else [self.take])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class AxisKernelCache:
+    """The :class:`AxisKernel` of given rows, columns, ε and device, built once and kept while they fit in
+    ``budget`` bytes (the least recently used go first).
+
+    A training loop solves grids of the same shape and spacing at the same ε at every step: building the
+    constants on the host and copying them to the device each time would cost hundreds of small copies per step,
+    more than the device's work. :meth:`recording` lists the kernels handed out meanwhile, for a CUDA graph that
+    reads them (:mod:`geomed.ot.grid_graphs`) to keep them alive.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._entries: OrderedDict[tuple, AxisKernel] = OrderedDict()
+        self._bytes = 0
+        self._recorders: list[list[AxisKernel]] = []
+
+    def get(self, rows: torch.Tensor, cols: torch.Tensor, eps: float, device: torch.device) -> AxisKernel:
+        """The kernel of ascending per-axis coordinates ``rows`` and ``cols`` (mm, CPU float64) at ``eps``."""
+        key = (rows.numpy().tobytes(), cols.numpy().tobytes(), float(eps), torch.device(device))
+        kernel = self._entries.get(key)
+        if kernel is None:
+            kernel = AxisKernel.build(rows, cols, eps, device)
+            self._entries[key] = kernel
+            self._bytes += kernel.nbytes
+            while self._bytes > self.budget and len(self._entries) > 1:
+                self._bytes -= self._entries.popitem(last=False)[1].nbytes
+        else:
+            self._entries.move_to_end(key)
+        for recorder in self._recorders:
+            recorder.append(kernel)
+        return kernel
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[AxisKernel]]:
+        """A list that receives every kernel handed out inside the ``with`` block."""
+        recorder: list[AxisKernel] = []
+        self._recorders.append(recorder)
+        try:
+            yield recorder
+        finally:
+            self._recorders.remove(recorder)
+
+
+axis_kernels = AxisKernelCache(_KERNEL_CACHE_BYTES)
+"""The process's kernels (256 MB at most)."""
 
 
 def _concatenate(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

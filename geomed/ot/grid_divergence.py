@@ -59,25 +59,29 @@ def grid_sinkhorn_divergence(
     spacing = dense_grid_pair(a, b, spacing)
     shape = tuple(a.shape[2:])
     batch_shape = tuple(a.shape[:2])
-    flat = []
-    for name, weights in (("a", a), ("b", b)):
-        weights = weights.reshape(-1, math.prod(shape))
-        detached = weights.detach()
-        if not bool(torch.isfinite(detached).all()) or bool((detached < 0).any()):
-            raise ValueError(f"{name} must hold finite, non-negative weights")
-        empty = torch.nonzero(detached.sum(-1) <= 0)
-        if len(empty):
-            item, channel = divmod(int(empty[0]), batch_shape[1])
-            raise ValueError(f"{name} has no mass in item {item}, channel {channel}: an empty mask has no shape to "
-                             "compare (leave such channels out, or use a reach and a small positive floor)")
-        flat.append(weights)
+    flat = [weights.reshape(-1, math.prod(shape)) for weights in (a, b)]
+    _check_weights(flat, batch_shape[1])
     dtype = torch.promote_types(a.dtype, b.dtype)
     dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    axes = [(torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
-    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, len(shape)).to(a.device, dtype)
+    axes = [(torch.arange(n, dtype=torch.float64, device=a.device) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, len(shape)).to(dtype)
     if diameter is None:
         diameter = max(math.hypot(*[(n - 1) * s for n, s in zip(shape, spacing)]), blur)
     points = centres.expand(len(flat[0]), -1, -1)
     return solve_tensors(points, flat[0], points, flat[1], grid=DenseGrid(shape, spacing), batch_shape=batch_shape,
                          blur=blur, p=p, reach=reach, scaling=scaling, debias=debias, backend="grid", tol=tol,
                          max_iter=max_iter, diameter=diameter)
+
+
+def _check_weights(flat: list[torch.Tensor], channels: int) -> None:
+    """Raise a ValueError if ``a`` or ``b`` (flattened to (B·C, N)) holds a non-finite or negative weight, or a
+    channel without mass; one read on the host for both."""
+    flags = torch.stack([torch.stack([~torch.isfinite(w).all() | (w < 0).any(), (w.sum(-1) <= 0).any()])
+                         for w in (t.detach() for t in flat)]).tolist()
+    for name, weights, (invalid, empty) in zip("ab", flat, flags):
+        if invalid:
+            raise ValueError(f"{name} must hold finite, non-negative weights")
+        if empty:
+            item, channel = divmod(int(torch.nonzero(weights.detach().sum(-1) <= 0)[0]), channels)
+            raise ValueError(f"{name} has no mass in item {item}, channel {channel}: an empty mask has no shape to "
+                             "compare (leave such channels out, or use a reach and a small positive floor)")

@@ -93,8 +93,9 @@ class Solution:
         Potentials of the cross problem (cost units, mm^p), on the geometry's level-0 points in its order.
     f_aa, g_bb : Tensor (B, N), (B, M), or None
         Potentials of the symmetric problems; None when they were not solved.
-    error : float
-        The last relative L1 marginal error.
+    error : float or Tensor
+        The last relative L1 marginal error; a 0-d tensor on the potentials' device when no decision needed it
+        on the host (``max_iter=0`` without ``tol``): ``float()`` reads it.
     converged : bool
         Whether ``error`` reached ``tol``.
     schedule : list of ScheduleStep
@@ -104,7 +105,7 @@ class Solution:
     g: torch.Tensor
     f_aa: torch.Tensor | None
     g_bb: torch.Tensor | None
-    error: float
+    error: float | torch.Tensor
     converged: bool
     schedule: list[ScheduleStep]
 
@@ -160,7 +161,8 @@ class OTResult:
         The final temperature ``blur**p``.
     marginal_error : float
         Final relative L1 marginal error of the plan, ``Σ_i |π𝟙 − α|_i / m(α)``, worst over both sides and the
-        debiasing problems (for unbalanced OT: the same residual of the fixed-point equation).
+        debiasing problems (for unbalanced OT: the same residual of the fixed-point equation); read from the
+        device when asked for.
     converged : bool
         Whether ``marginal_error`` reached ``tol`` within ``max_iter`` iterations.
     schedule : list of ScheduleStep
@@ -175,11 +177,15 @@ class OTResult:
     f_aa: torch.Tensor | None
     g_bb: torch.Tensor | None
     eps: float
-    marginal_error: float
+    _marginal_error: float | torch.Tensor = field(repr=False)
     converged: bool
     schedule: list[ScheduleStep]
     backend: str
     _problem: _Problem = field(repr=False)
+
+    @property
+    def marginal_error(self) -> float:
+        return float(self._marginal_error)
 
     @property
     def iterations(self) -> int:

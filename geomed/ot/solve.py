@@ -20,9 +20,10 @@ from ..measure import Measure
 from .divergence import divergence
 from .geometry import Geometry, SingleScale, gather, scatter
 from .grid import DenseGrid, GridPyramid, SharedGrid, grid_pays_off, shared_grid
+from .grid_graphs import graph_applies, solve_as_graph
 from .multiscale import Multiscale
 from .problem import Problem, Reach, reaches
-from .result import OTResult, SolvedItem, _PlanItem, _Problem
+from .result import OTResult, Solution, SolvedItem, _PlanItem, _Problem
 from .schedule import EpsilonSchedule
 from .softmin import DenseSoftmin, KeOpsSoftmin, OnlineSoftmin, Softmin
 from .solver import sinkhorn_loop
@@ -83,11 +84,11 @@ def solve_tensors(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, beta: t
         beta = beta / beta.sum(-1, keepdim=True)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if isinstance(grid, DenseGrid):  # voxel centres built about the grid's middle (grid_sinkhorn_divergence)
-            center = x.new_zeros(x.shape[0], 1, x.shape[-1])
+            center, offset = x.new_zeros(x.shape[0], 1, x.shape[-1]), 0.0
         else:
             center = (x.detach().sum(1, keepdim=True) + y.detach().sum(1, keepdim=True)) / (x.shape[1] + y.shape[1])
             x, y = x - center, y - center
-        offset = center.detach().abs().max().double()
+            offset = center.detach().abs().max().double()
         if diameter is None:
             upper = torch.maximum(x.detach().amax(1), y.detach().amax(1)).double()
             lower = torch.minimum(x.detach().amin(1), y.detach().amin(1)).double()
@@ -95,10 +96,14 @@ def solve_tensors(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, beta: t
             diameter = max(extent, blur)
         _check_scale(diameter, blur, p, dtype, float(offset))
         name = "grid" if grid is not None else choose_backend(backend, x.shape[1], y.shape[1], x.shape[-1], x.device)
-        identical = x.shape == y.shape and torch.equal(x, y) and torch.equal(alpha, beta) and rho_a == rho_b
+        identical = (x.shape == y.shape and rho_a == rho_b and (x is y or torch.equal(x, y))
+                     and torch.equal(alpha, beta))
         problem = Problem(p=p, blur=blur, rho_a=rho_a, rho_b=rho_b, debias=debias, identical=identical, tol=tol,
                           max_iter=max_iter, schedule=EpsilonSchedule(diameter, blur, p, scaling))
-        if grid is not None:
+        if grid is not None and graph_applies(grid, problem, x.device):
+            solution, softmins = solve_as_graph(x, y, alpha.detach(), beta.detach(), grid, problem)
+            items = [_solved_item(solution, softmins, None, x, y, alpha, beta, problem)]
+        elif grid is not None:
             pyramid = GridPyramid(x, y, alpha.detach(), beta.detach(), grid.shape, grid.spacing, problem.damping,
                                   problem=problem, on_support=isinstance(grid, SharedGrid))
             item = _solve_item(pyramid, x, y, alpha, beta, problem)
@@ -156,18 +161,25 @@ def _solve_item(geometry: Geometry, x, y, alpha, beta, problem: Problem) -> Solv
     """Solve on one geometry (all items of a batch, or one multiscale item); values and potentials in input order."""
     with torch.no_grad():
         solution = sinkhorn_loop(geometry, problem)
+    return _solved_item(solution, geometry.softmins, geometry.order, x, y, alpha, beta, problem)
+
+
+def _solved_item(solution: Solution, softmins: dict[str, Softmin], order: tuple[torch.Tensor, torch.Tensor] | None,
+                 x, y, alpha, beta, problem: Problem) -> SolvedItem:
+    """The value, potentials and plan of a solution, from the level-0 ``softmins`` and point ``order`` of its
+    geometry."""
     potentials = solution.potentials
     if problem.debias and problem.identical:  # S(α, α) = 0 exactly: the symmetric problems are the cross problem
         potentials[2], potentials[3] = potentials[1], potentials[0]
-        geometry.softmins.setdefault("xx", geometry.softmins["xy"])
-        geometry.softmins.setdefault("yy", geometry.softmins["yx"])
-    order_x, order_y = geometry.order or (None, None)
+        softmins.setdefault("xx", softmins["xy"])
+        softmins.setdefault("yy", softmins["yx"])
+    order_x, order_y = order or (None, None)
     xs, ys = (x, y) if order_x is None else (gather(x, order_x), gather(y, order_y))
     alphas, betas = (alpha, beta) if order_x is None else (torch.gather(alpha, 1, order_x), torch.gather(beta, 1, order_y))
     with torch.enable_grad():
-        value = divergence(geometry.softmins, xs, ys, alphas, betas, potentials, problem)
+        value = divergence(softmins, xs, ys, alphas, betas, potentials, problem)
     f, g, f_aa, g_bb = (scatter(t, o) for t, o in zip(potentials, (order_x, order_y, order_x, order_y)))
-    plan = _PlanItem(geometry.softmins["xy"], geometry.softmins["yx"], xs.detach(), ys.detach(),
+    plan = _PlanItem(softmins["xy"], softmins["yx"], xs.detach(), ys.detach(),
                      alphas.detach(), betas.detach(), potentials[0], potentials[1], order_x, order_y)
     return SolvedItem(f=f, g=g, f_aa=f_aa, g_bb=g_bb, error=solution.error, converged=solution.converged,
                       schedule=solution.schedule, value=value, plan=plan)
@@ -186,6 +198,6 @@ def _result(items: list[SolvedItem], center, batch_shape: tuple[int, ...], eps: 
     schedule = items[0].schedule if len(items) == 1 else [step for item in items for step in item.schedule]
     return OTResult(
         value=unbatch(value), f=unbatch(f), g=unbatch(g), f_aa=unbatch(f_aa), g_bb=unbatch(g_bb), eps=eps,
-        marginal_error=max(item.error for item in items), converged=all(item.converged for item in items),
+        _marginal_error=items[0].error if len(items) == 1 else max(float(item.error) for item in items), converged=all(item.converged for item in items),
         schedule=schedule, backend=backend, _problem=_Problem([item.plan for item in items], center, batch_shape),
     )

@@ -147,7 +147,7 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
         new_aa, new_bb = symmetric(eps, f_aa, g_bb)
         error = torch.maximum(_relative_change(weights("a"), f_aa, new_aa, eps),
                               _relative_change(weights("b"), g_bb, new_bb, eps))
-        f_aa, g_bb = 0.5 * (f_aa + new_aa), 0.5 * (g_bb + new_bb)
+        f_aa, g_bb = new_aa.add_(f_aa).mul_(0.5), new_bb.add_(g_bb).mul_(0.5)
         return error
 
     def advance(eps, final):
@@ -158,8 +158,10 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
         refresh()
         return geometry.level != level
 
-    # The marginal errors stay on the device: during the ε-scaling only the last one is read, at the final blur
-    # a few at a time (_reads_every), so that an accelerator is not made to wait for the host at every update.
+    # The marginal errors stay on the device: during the ε-scaling only the last one is read (and only if the final
+    # blur needs it: not when it stops at the extrapolation, as a training loss does), at the final blur a few at a
+    # time (_reads_every), so that an accelerator is not made to wait for the host at every update. The updates
+    # are written into the new potentials' buffers (no temporaries).
     error_t = None
     for eps in epsilons:
         start = time.perf_counter()
@@ -167,11 +169,12 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
         new_f, new_g = cross_f(eps, g), cross_g(eps, f)
         error_t = torch.maximum(_relative_change(weights("a"), f, new_f, eps),
                                 _relative_change(weights("b"), g, new_g, eps))
-        f, g = 0.5 * (f + new_f), 0.5 * (g + new_g)
+        f, g = new_f.add_(f).mul_(0.5), new_g.add_(g).mul_(0.5)
         if debias:
             error_t = torch.maximum(error_t, symmetric_step(eps))
         step_record("scale-jump" if jumped else "eps-scaling", eps, 1, start)
-    error = math.inf if error_t is None else float(error_t)
+    read = tol is not None or max_iter > 0
+    error = math.inf if error_t is None else float(error_t) if read else error_t
 
     eps, relaxation = epsilons[-1], _Overrelaxation()
     start, iterations = time.perf_counter(), 0
@@ -187,8 +190,8 @@ def sinkhorn_loop(geometry: Geometry, problem: Problem) -> Solution:
             for cross_error in torch.stack(unread_cross).tolist():
                 omega = relaxation.update(cross_error)
             unread_cross.clear()
-        f = f + omega * (new_f - f)
-        g = g + omega * (cross_g(eps, f) - g)
+        f = new_f.sub_(f).mul_(omega).add_(f)
+        g = cross_g(eps, f).sub_(g).mul_(omega).add_(g)
         if debias and (tol is None or symmetric_error >= tol):
             unread_symmetric = symmetric_step(eps)
         iterations += 1
