@@ -11,6 +11,8 @@ import torch
 from monai.networks import one_hot
 from monai.utils import LossReduction
 
+from .spacing import item_spacings
+
 Spacing = float | Sequence[float] | None
 
 
@@ -93,17 +95,17 @@ class SegmentationConventions:
         return (target != 0).any(1, keepdim=True).float()
 
     def spacings(self, input: torch.Tensor, target: torch.Tensor) -> list[tuple[float, ...]]:
-        """Voxel size (mm) of each item: ``spacing`` if given, else the target's or the input's MetaTensor affine,
-        else 1 mm; scaled by ``spatial_size`` / the input's size when ``spatial_size`` is set."""
-        dims, items = input.dim() - 2, input.shape[0]
-        if self.spacing is not None:
-            spacing = self.spacing * dims if len(self.spacing) == 1 else self.spacing
+        """Voxel size (mm) of each item by the rule of :mod:`monai_losses.spacing` (``spacing`` if given, else the
+        target's MetaTensor affine, else the input's, else 1 mm); scaled by ``spatial_size`` / the input's size when
+        ``spatial_size`` is set."""
+        dims = input.dim() - 2
+        spacing = self.spacing
+        if spacing is not None:
+            spacing = spacing * dims if len(spacing) == 1 else spacing
             if len(spacing) != dims:
                 raise ValueError(f"spacing has {len(spacing)} entries for {dims} spatial dimensions")
-            per_item = [tuple(spacing)] * items
-        else:
-            per_item = _affine_spacings(target, dims, items) or _affine_spacings(input, dims, items)
-            per_item = per_item or [(1.0,) * dims] * items
+            spacing = list(spacing)
+        per_item = item_spacings(input, target, spacing, dims)
         if self.spatial_size is not None:
             if len(self.spatial_size) != dims:
                 raise ValueError(f"spatial_size {self.spatial_size} must have one entry per spatial dimension ({dims})")
@@ -148,16 +150,3 @@ def _checked_spacing(spacing: Spacing) -> tuple[float, ...] | None:
     if not values or not all(math.isfinite(s) and s > 0 for s in values):
         raise ValueError(f"spacing must be positive numbers of mm, got {spacing!r}")
     return values
-
-
-def _affine_spacings(tensor: torch.Tensor, dims: int, items: int) -> list[tuple[float, ...]] | None:
-    """Per-item voxel sizes from a MetaTensor's affine ((4, 4) or batched (B, 4, 4)): the norms of its columns."""
-    affine = getattr(tensor, "affine", None)
-    if affine is None:
-        return None
-    affine = torch.as_tensor(affine, dtype=torch.float64).cpu()
-    affine = affine.expand(items, *affine.shape[-2:]) if affine.dim() == 2 else affine
-    if affine.shape[0] != items:
-        raise ValueError(f"the MetaTensor holds {affine.shape[0]} affines for a batch of {items} items")
-    spacing = affine[:, :dims, :dims].norm(dim=1)
-    return [tuple(float(s) for s in row) for row in spacing]

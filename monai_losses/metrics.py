@@ -13,15 +13,11 @@ Both metrics are ``monai.metrics.CumulativeIterationMetric``\ s and are used exa
 * an (item, class) whose prediction or ground truth is empty has no shape to compare: its value is NaN, with a
   ``warnings.warn`` naming the class, as MONAI's distance metrics do.
 
-Voxel geometry of each batch item, in this order:
-
-1. the ``spacing=`` argument of the call, with MONAI's semantics (``monai.metrics.utils.prepare_spacing``): a
-   number (isotropic), one number per spatial axis, or one such sequence per batch item;
-2. the ``affine`` of ``y_pred``, else of ``y``, when it is a MONAI ``MetaTensor`` — (4, 4) (or (3, 3) in 2-D), or
-   (B, 4, 4) for a batch collated by ``monai.data.list_data_collate``: the voxel sizes are the norms of its first
-   D columns (so a 2-D slice carrying the 4 × 4 affine of a sagittal or oblique plane gets its in-plane spacing,
-   where ``monai.data.utils.affine_to_spacing`` reads the 2 × 2 corner);
-3. unit voxels (1 mm).
+Voxel geometry of each batch item: the rule of :mod:`monai_losses.spacing`, shared by the losses and transforms —
+the ``spacing=`` argument of the call (MONAI's semantics: a number, one per spatial axis, or one such entry per
+item), else the affine of the ``y`` MetaTensor, else that of ``y_pred``, else 1 mm voxels; a 2-D slice carrying the
+4 × 4 affine of a sagittal or oblique plane is measured in its own plane (full column norms, where
+``monai.data.utils.affine_to_spacing`` reads the 2 × 2 corner).
 
 Items of different spacings are computed separately. The numbers come from :mod:`geomed` (and, for the distance of a
 point to a mesh, vtk); this module only arranges tensors.
@@ -37,13 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction, ignore_background, prepare_spacing
+from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 
 from geomed import Image, Measure, grid_sinkhorn_divergence, mask_to_mesh
 from geomed.surface import distance_to_surface
 
 from ._conventions import _plain
+from .spacing import item_affines
 
 __all__ = ["MeshSurfaceDistanceMetric", "SinkhornDistanceMetric"]
 
@@ -95,7 +92,7 @@ class _MaskDistanceMetric(CumulativeIterationMetric):
             raise ValueError(f"{type(self).__name__}: y_pred should have shape {shapes}, got {tuple(y_pred.shape)}.")
         if y.shape != y_pred.shape:
             raise ValueError(f"y_pred and y should have same shapes, got {tuple(y_pred.shape)} and {tuple(y.shape)}.")
-        affines = _item_affines(y_pred, y, kwargs.get("spacing"))
+        affines = item_affines(y_pred, y, kwargs.get("spacing"))
         pred, truth = (_plain(t) > 0.5 for t in (y_pred, y))
         offset = 0
         if not self.include_background and pred.shape[1] > 1:
@@ -316,35 +313,6 @@ class MeshSurfaceDistanceMetric(_MaskDistanceMetric):
             else:
                 distances.append(max(_weighted_percentile(d, w, self.percentile) for d, w in zip(directed, weights)))
         return torch.tensor(distances, dtype=torch.float64)
-
-
-def _item_affines(y_pred: torch.Tensor, y: torch.Tensor, spacing: Any) -> list[np.ndarray]:
-    """Voxel index → world mm map (D + 1, D + 1) of each batch item, from ``spacing`` (MONAI's semantics), else the
-    MetaTensor affine of ``y_pred`` or ``y`` (2-D items with a 4 × 4 affine: the voxel sizes only, the norms of its
-    first two columns), else unit voxels."""
-    items, dims = y_pred.shape[0], y_pred.dim() - 2
-    affine = getattr(y_pred, "affine", None)
-    affine = getattr(y, "affine", None) if affine is None else affine
-    if spacing is None and affine is not None:
-        affine = torch.as_tensor(affine, dtype=torch.float64).cpu().numpy()
-        affine = np.broadcast_to(affine, (items, *affine.shape[-2:])) if affine.ndim == 2 else affine
-        if affine.shape[0] != items:
-            raise ValueError(f"the MetaTensor holds {affine.shape[0]} affines for a batch of {items} items.")
-        spacings = np.linalg.norm(affine[:, :-1, :dims], axis=1)
-        if not (spacings > 0).all():
-            raise ValueError("the MetaTensor's affine maps a voxel axis to zero length (a voxel of zero size).")
-        if affine.shape[-1] == dims + 1:
-            return list(affine)
-        return [np.diag([*spacing, 1.0]) for spacing in spacings]
-    per_item = prepare_spacing(spacing=spacing, batch_size=items, img_dim=dims)
-    affines = []
-    for value in per_item:
-        sizes = (1.0,) * dims if value is None else (value,) * dims if np.isscalar(value) else tuple(value)
-        sizes = tuple(float(s) for s in sizes)
-        if not all(math.isfinite(s) and s > 0 for s in sizes):
-            raise ValueError(f"spacing must hold positive numbers of mm, got {spacing!r}.")
-        affines.append(np.diag([*sizes, 1.0]))
-    return affines
 
 
 def _bounding_box(masks: torch.Tensor) -> tuple[slice, ...]:

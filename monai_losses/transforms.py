@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.data.utils import to_affine_nd
 from monai.transforms.transform import MapTransform, Transform
 from monai.utils import ImageMetaKey, TransformBackends, convert_to_numpy, ensure_tuple, ensure_tuple_rep
 from monai.utils.enums import MetaKeys, PostFix, SpaceKeys
@@ -39,6 +38,8 @@ from monai.utils.enums import MetaKeys, PostFix, SpaceKeys
 from geomed import Image, Measure, Mesh
 from geomed.io import read_mesh
 from geomed.surface import METHODS, mask_to_mesh
+
+from .spacing import plane_affine
 
 __all__ = [
     "LoadMesh", "LoadMeshd", "LoadMeshD", "LoadMeshDict",
@@ -88,7 +89,7 @@ def _channel_and_affine(img: Any, affine: NdarrayOrTensor | None) -> tuple[Ndarr
         return values[0], np.eye(spatial_dims + 1)
     matrix = convert_to_numpy(affine, dtype=np.float64)
     if spatial_dims == 2 and matrix.shape == (4, 4):
-        matrix = to_affine_nd(2, matrix)  # the in-plane part, as MONAI's spatial transforms use it for 2-D images
+        matrix = plane_affine(matrix)  # the slice in its own plane (monai_losses.spacing: one rule for every class)
     if matrix.shape != (spatial_dims + 1,) * 2:
         raise ValueError(
             f"affine of a {spatial_dims}-D mask must have shape {(spatial_dims + 1,) * 2}, got {matrix.shape}"
@@ -417,7 +418,8 @@ class MaskToMeasure(Transform):
             are differentiable w.r.t. it.
         affine : array or Tensor (4, 4), or (3, 3) for a 2-D mask, optional
             Voxel index → world RAS mm. Default: ``img.affine`` for a MetaTensor (RAS, or converted from LPS);
-            else the identity. A (4, 4) affine of a 2-D mask is reduced to its in-plane (3, 3) part.
+            else the identity. A (4, 4) affine of a 2-D mask places it in its own plane
+            (:func:`monai_losses.spacing.plane_affine`).
 
         Returns
         -------
