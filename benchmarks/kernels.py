@@ -166,7 +166,7 @@ def main() -> None:
         library, loss, n, device = args.single
         print(json.dumps(_run(library, loss, int(n), device)))
         return
-    from geomed._spatial import keops_available
+    from geomed import keops_available
 
     libraries = [name for name in args.libraries if name not in _KEOPS_LIBRARIES or keops_available()]
     memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"

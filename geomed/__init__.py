@@ -9,6 +9,7 @@ training script pulls in torch alone.
 
 from importlib import import_module
 
+from ._spatial import keops_available
 from .image import Image
 from .kernels import KernelLoss, VarifoldLoss, mmd, varifold_distance
 from .measure import Measure, VoxelGrid
@@ -21,7 +22,8 @@ _LAZY = {"read_image": "io", "read_mesh": "io", "write_image": "io", "write_mesh
          "probability_to_mesh": "surface"}
 
 __all__ = ["BarycenterResult", "Image", "KernelLoss", "Measure", "Mesh", "OTResult", "RegistrationResult",
-           "SinkhornLoss", "VarifoldLoss", "VoxelGrid", "grid_sinkhorn_barycenter", "grid_sinkhorn_divergence", "mmd",
+           "SinkhornLoss", "VarifoldLoss", "VoxelGrid", "grid_sinkhorn_barycenter", "grid_sinkhorn_divergence",
+           "keops_available", "mmd",
            "register", "sinkhorn_barycenter", "sinkhorn_divergence", "varifold_distance", *_LAZY]
 __version__ = "0.1.0"
 

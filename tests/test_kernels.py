@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geomed import KernelLoss, Measure, Mesh, VarifoldLoss, datasets, mmd, varifold_distance
-from geomed._spatial import keops_available
+from geomed import keops_available
 
 
 def _dense(a: Measure, b: Measure, kernel: str, blur: float | None, kind: str | None = None, width: float = 0.5):

@@ -9,7 +9,7 @@ import pytest
 from vtkmodules.vtkFiltersSources import vtkSphereSource
 
 from geomed import Image, Mesh, datasets, mask_to_mesh, register
-from geomed._vtk import polydata_to_mesh
+from geomed.io import polydata_to_mesh
 from geomed.morphometry import (
     flux_volume_change,
     local_area_change,

@@ -9,7 +9,7 @@ import pytest
 from vtkmodules.vtkFiltersSources import vtkSphereSource
 
 from geomed import Image, Mesh, probability_to_mesh
-from geomed._vtk import polydata_to_mesh
+from geomed.io import polydata_to_mesh
 from geomed.io import read_image
 from geomed.morphometry import volume
 from geomed.study import run_study

@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from geomed import Image, Measure, Mesh, datasets, mask_to_mesh, register
-from geomed.registration import PRESETS, AffineTransform, KernelDeformation, RegistrationCancelled
-from geomed._spatial import keops_available
+from geomed import Image, KernelLoss, Measure, Mesh, SinkhornLoss, VarifoldLoss, datasets, mask_to_mesh, register
+from geomed.registration import (PRESETS, AffineTransform, KernelDeformation, RegistrationCancelled,
+                                 deformable_loss)
+from geomed import keops_available
 from geomed.plotting import plot_registration, plot_surface
 from geomed.surface import distance_to_surface
 from geomed.registration.kernel_velocity import velocity
@@ -285,3 +286,27 @@ def test_bad_inputs_are_refused_clearly():
     with pytest.raises(ValueError, match="no triangles"):
         register(Mesh(np.zeros((3, 3)), np.zeros((0, 3), dtype=np.int64)), mesh)
     assert set(PRESETS) == {"brain", "knee", "heart"}
+
+
+@pytest.mark.parametrize(("loss", "blur", "reach", "expected"), [
+    ("sinkhorn", None, None, None),  # geomed.register's own default
+    ("sinkhorn", 2.0, None, SinkhornLoss(blur=2.0, reach=10.0)),  # the brain preset's deformable reach
+    ("sinkhorn", None, 5.0, SinkhornLoss(blur=1.0, reach=5.0)),  # its finest blur
+    ("kernel", None, None, KernelLoss(kernel="gaussian", blur=1.0)),
+    ("varifold", 3.0, None, VarifoldLoss(blur=3.0)),
+])
+def test_deformable_loss_choice_and_scales(loss, blur, reach, expected):
+    """A loss by name (what the 3D Slicer module offers), its scales from the preset when unset."""
+    chosen = deformable_loss(loss, "brain", blur, reach)
+    assert chosen is None if expected is None else (type(chosen) is type(expected)
+                                                    and chosen.options == expected.options)
+
+
+def test_deformable_loss_errors_name_the_option():
+    hippocampus = mask_to_mesh(datasets.brain_labels("9861"), "left_hippocampus")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        deformable_loss("dice", "brain", None, None)
+    with pytest.raises(ValueError, match="reach is an option of the Sinkhorn loss, not of the varifold loss"):
+        deformable_loss("varifold", "brain", None, 5.0)
+    sized = deformable_loss("kernel", None, None, None, hippocampus)  # scaled to the shape without a preset
+    assert sized.options["blur"] == pytest.approx(np.linalg.norm(np.ptp(hippocampus.vertices, axis=0)) / 60)

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geomed import Measure, SinkhornLoss, datasets, mask_to_mesh, sinkhorn_divergence
-from geomed._spatial import expand_ranges, keops_available
+from geomed import keops_available
+from geomed._spatial import expand_ranges
 from geomed.ot.multiscale import Multiscale
 
 CONVERGED = dict(tol=1e-7, max_iter=20_000)

@@ -185,17 +185,15 @@ def test_logic_library_imports_without_slicer(monkeypatch):
         assert not re.search(r"^\s*(import|from) (slicer|qt|ctk)\b", path.read_text(), re.M), path
 
 
-def test_the_module_offers_the_presets_models_and_losses_of_geomed(monkeypatch):
-    """The module lists them itself (it imports no geomed when it opens); they must be geomed's own."""
-    from geomed.registration import MODELS, PRESETS
+def test_the_module_offers_the_presets_models_and_losses_of_geomed():
+    """The widget lists them itself — it opens before geomed is installed (Apply installs it, after asking), so
+    its parameter node's choices cannot come from an import —; they must be geomed's public lists, which the logic
+    library uses."""
+    from geomed.registration import LOSSES, MODELS, PRESETS
 
-    monkeypatch.syspath_prepend(str(MODULE))
-    import importlib
-
-    logic = importlib.import_module("GeomedShapesLib.logic")
     constants = {node.targets[0].id: ast.literal_eval(node.value) for node in _tree().body
                  if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
                  and node.targets[0].id in {"PRESETS", "MODELS", "LOSSES"}}
     assert set(constants["PRESETS"]) == set(PRESETS)
     assert tuple(constants["MODELS"]) == tuple(MODELS)
-    assert tuple(constants["LOSSES"]) == tuple(logic.LOSSES)
+    assert tuple(constants["LOSSES"]) == tuple(LOSSES)

@@ -198,6 +198,7 @@ def _result(items: list[SolvedItem], center, batch_shape: tuple[int, ...], eps: 
     schedule = items[0].schedule if len(items) == 1 else [step for item in items for step in item.schedule]
     return OTResult(
         value=unbatch(value), f=unbatch(f), g=unbatch(g), f_aa=unbatch(f_aa), g_bb=unbatch(g_bb), eps=eps,
-        _marginal_error=items[0].error if len(items) == 1 else max(float(item.error) for item in items), converged=all(item.converged for item in items),
+        _marginal_error=items[0].error if len(items) == 1 else max(float(item.error) for item in items),
+        converged=all(item.converged for item in items),
         schedule=schedule, backend=backend, _problem=_Problem([item.plan for item in items], center, batch_shape),
     )

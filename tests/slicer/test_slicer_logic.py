@@ -20,11 +20,11 @@ if not hasattr(slicer, "vtkMRMLScene"):  # another PyPI package is also called "
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "slicer_extension" / "GeomedShapes"))
 
 from GeomedShapesLib.logic import export_nodes, longitudinal_nodes, measure_nodes, register_nodes  # noqa: E402
-from GeomedShapesLib.logic import deformable_loss, preview_nodes, shape_from_node  # noqa: E402
+from GeomedShapesLib.logic import preview_nodes, shape_from_node  # noqa: E402
 from GeomedShapesLib.nodes import image_from_segment, image_from_volume, mesh_from_model, table_rows  # noqa: E402
 
-from geomed import KernelLoss, Mesh, SinkhornLoss, VarifoldLoss, datasets, mask_to_mesh, read_mesh  # noqa: E402
-from geomed._vtk import mesh_to_polydata  # noqa: E402
+from geomed import Mesh, datasets, mask_to_mesh, read_mesh  # noqa: E402
+from geomed.io import mesh_to_polydata  # noqa: E402
 from geomed.morphometry import volume  # noqa: E402
 
 
@@ -214,28 +214,6 @@ def test_labelmap_to_model_affine_registration_and_measurement(scene, hippocampu
     assert float(rows["mean surface distance after"]) < 0.3
     table = table_rows(measure_nodes(scene, [moving], None))
     assert float(table["moving volume"]) == pytest.approx(volume(hippocampus) / 1000.0, rel=1e-4)  # 4 decimals
-
-
-@pytest.mark.parametrize(("loss", "blur", "reach", "expected"), [
-    ("sinkhorn", None, None, None),  # geomed.register's own default
-    ("sinkhorn", 2.0, None, SinkhornLoss(blur=2.0, reach=10.0)),  # the brain preset's deformable reach
-    ("sinkhorn", None, 5.0, SinkhornLoss(blur=1.0, reach=5.0)),  # its finest blur
-    ("kernel", None, None, KernelLoss(kernel="gaussian", blur=1.0)),
-    ("varifold", 3.0, None, VarifoldLoss(blur=3.0)),
-])
-def test_deformable_loss_choice_and_scales(loss, blur, reach, expected):
-    chosen = deformable_loss(loss, "brain", blur, reach)
-    assert chosen is None if expected is None else (type(chosen) is type(expected)
-                                                    and chosen.options == expected.options)
-
-
-def test_deformable_loss_errors_name_the_option(hippocampus):
-    with pytest.raises(ValueError, match="loss must be one of"):
-        deformable_loss("dice", "brain", None, None)
-    with pytest.raises(ValueError, match="reach is an option of the Sinkhorn loss, not of the varifold loss"):
-        deformable_loss("varifold", "brain", None, 5.0)
-    sized = deformable_loss("kernel", None, None, None, hippocampus)  # scaled to the shape without a preset
-    assert sized.options["blur"] == pytest.approx(np.linalg.norm(np.ptp(hippocampus.vertices, axis=0)) / 60)
 
 
 @pytest.mark.slow

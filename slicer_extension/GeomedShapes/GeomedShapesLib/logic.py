@@ -19,7 +19,6 @@ from geomed.io import file_stem
 from .nodes import (add_grid_transform, add_histogram_plot, add_linear_transform, add_model, add_table,
                     image_from_segment, image_from_volume, mesh_from_model, save_node)
 
-LOSSES = ("sinkhorn", "kernel", "varifold")
 _PREVIEW = "GeomedShapes.preview"
 _GRID_SPACING_MM = 2.0
 _GRID_MARGIN_MM = 10.0
@@ -95,7 +94,7 @@ def preview_nodes(scene, moving, fixed, *, label: int | None = None, moving_segm
     return tuple(shown)
 
 
-def backend(use_gpu: bool) -> str:
+def torch_device(use_gpu: bool) -> str:
     """The torch device the computation runs on: "cuda" when asked for and available, else "cpu"."""
     import torch
 
@@ -123,7 +122,7 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
     moving_segment, fixed_segment : str, optional
         The segment (name or id) to take from a segmentation input.
     loss, blur, reach
-        What the deformable stages minimise, and its scales in mm (see :func:`deformable_loss`).
+        What the deformable stages minimise, and its scales in mm (see :func:`geomed.registration.deformable_loss`).
     use_gpu : bool
         Run on CUDA when available.
     plot : bool
@@ -140,13 +139,13 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
         None) and geomed's result.
     """
     from geomed import register
-    from geomed.registration import AffineTransform
+    from geomed.registration import AffineTransform, deformable_loss
     from geomed.surface import distance_to_surface
 
     started = time.perf_counter()
     moving_mesh = shape_from_node(moving, label, moving_segment)
     fixed_mesh = shape_from_node(fixed, label, fixed_segment)
-    device = backend(use_gpu)
+    device = torch_device(use_gpu)
     result = register(moving_mesh, fixed_mesh, model=model, preset=preset,
                       loss=deformable_loss(loss, preset, blur, reach, fixed_mesh), progress=progress, cancel=cancel,
                       device=device)
@@ -163,46 +162,6 @@ def register_nodes(scene, moving, fixed, *, model: str = "rigid", preset: str | 
     chart = add_histogram_plot(scene, {"before": before, "after": after}, f"{name} surface distance",
                                "distance to the fixed surface (mm)") if plot else None
     return RegistrationOutputs(transform, warped, table, chart, result)
-
-
-def deformable_loss(loss: str, preset: str | None, blur: float | None, reach: float | None, fixed=None):
-    """The loss module of the deformable stages, or None for :func:`geomed.register`'s default.
-
-    Parameters
-    ----------
-    loss : {"sinkhorn", "kernel", "varifold"}
-        Unbalanced Sinkhorn divergence, Gaussian-kernel MMD, or oriented varifold distance (surfaces).
-    preset : str, optional
-        Gives the scales left unset: the finest blur, and the Sinkhorn ``deformable_reach``.
-    blur : float, optional
-        The Sinkhorn blur or the kernel width (mm).
-    reach : float, optional
-        The Sinkhorn reach (mm); not an option of the kernel losses.
-    fixed : Mesh, optional
-        Without a preset, the scales are those of :meth:`Preset.for_size` of the fixed shape.
-    """
-    from geomed import KernelLoss, SinkhornLoss, VarifoldLoss
-    from geomed.registration.presets import Preset
-    from geomed.registration.presets import preset as named_preset
-
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if loss != "sinkhorn" and reach is not None:
-        raise ValueError(f"reach is an option of the Sinkhorn loss, not of the {loss} loss")
-    if loss == "sinkhorn" and blur is None and reach is None:
-        return None
-    if preset is not None:
-        schedule = named_preset(preset)
-    elif fixed is not None:
-        schedule = Preset.for_size(float(np.linalg.norm(np.ptp(fixed.vertices, axis=0))))
-    else:
-        raise ValueError("give a preset or the fixed shape, for the scales left unset")
-    width = blur if blur is not None else schedule.blurs[-1]
-    if loss == "sinkhorn":
-        return SinkhornLoss(blur=width, reach=reach if reach is not None else schedule.deformable_reach)
-    if loss == "kernel":
-        return KernelLoss(kernel="gaussian", blur=width)
-    return VarifoldLoss(blur=width)
 
 
 def _grid_transform(scene, result, moving_mesh, name: str):
