@@ -11,11 +11,21 @@ export KEOPS_CACHE_FOLDER := $(CURDIR)/build/keops-cache
 
 .PHONY: demo test install clean
 
+# nnU-Net v2 for the trainers' tests (monai_losses.nnunet). Its dependency dynamic-network-architectures wants timm,
+# hence torchvision, whose wheels here would replace the pinned CPU torch: nnU-Net's own packages go in without their
+# dependencies, then the others (nnU-Net finds geomed's trainers before the timm-based ones it cannot import).
+NNUNET := nnunetv2==2.8.1 dynamic-network-architectures==0.4.4 acvl-utils==0.2.6 batchgeneratorsv2==0.3.6 \
+	batchgenerators==0.25.5
+NNUNET_DEPS := tqdm scipy scikit-learn scikit-image SimpleITK pandas graphviz tifffile requests nibabel matplotlib \
+	seaborn imagecodecs yacs einops "blosc2>=3.3.2" connected-components-3d pillow future unittest2 threadpoolctl
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(NNUNET)
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(NNUNET_DEPS)
 	touch $@
 
 # The 3D Slicer module's logic is tested on real MRML from the slicer-core package, in its own environment
