@@ -139,3 +139,22 @@ def test_mask_to_measure_places_a_sagittal_slice_in_its_plane():
     np.testing.assert_allclose(measure.weights.numpy(), [SPACING[0] * SPACING[1]] * 2)
     distance = float(torch.linalg.norm(measure.points[1] - measure.points[0]))
     assert distance == pytest.approx(math.hypot(3 * SPACING[0], 2 * SPACING[1]))
+
+
+def test_mesh_metric_reads_batched_affines_of_different_spacings():
+    """The 3-D mesh metric follows the same rule: a collated (B, 4, 4) affine of the target gives each item its
+    own voxel size, as an explicit per-item spacing does (the prediction's conflicting affine is not read)."""
+    from monai_losses.metrics import MeshSurfaceDistanceMetric
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(14.0)] * 3, indexing="ij"))
+    inner = ((grid - 6.5) ** 2).sum(0) <= 16
+    outer = ((grid - 6.5) ** 2).sum(0) <= 25
+    y_pred = torch.stack([torch.stack([~inner, inner])] * 2).float()
+    y = torch.stack([torch.stack([~outer, outer])] * 2).float()
+    spacings = [(1.0, 1.0, 1.0), (0.5, 0.8, 1.2)]
+    affines = torch.stack([torch.diag(torch.tensor([*s, 1.0], dtype=torch.float64)) for s in spacings])
+    metric = MeshSurfaceDistanceMetric()
+    expected = metric(y_pred, y, spacing=[list(s) for s in spacings])
+    wrong = torch.stack([torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64))] * 2)
+    torch.testing.assert_close(metric(MetaTensor(y_pred, affine=wrong), MetaTensor(y, affine=affines)), expected)
+    assert float(expected[1, 0]) < float(expected[0, 0])  # the smaller voxels give the smaller distance
