@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton decides between compiling and interpreting when it is first imported, and other test modules import it
+    # indirectly (nnU-Net does, through torch.compile): set before any test module is collected, so that the GPU
+    # kernels run on the CPU through Triton's interpreter (on a machine with a GPU they are compiled instead).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(os.environ.get("GEOMED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -2,21 +2,19 @@
 softmins, soft averages and p = 1 gradients as the torch tiles over the same range pattern and as a dense masked
 reference (with torch.autograd's gradients), and the same solve.
 
-``TRITON_INTERPRET=1`` is set before anything imports Triton (on a machine with a GPU the kernels are compiled).
+``TRITON_INTERPRET=1`` is set by ``tests/conftest.py`` before anything imports Triton (on a machine with a GPU the
+kernels are compiled).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install -e '.[test]' brings it)", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
 
 from geomed import Measure, sinkhorn_divergence  # noqa: E402
 from geomed.ot.blocksparse import RangePattern, RangeSoftmin  # noqa: E402

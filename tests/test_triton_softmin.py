@@ -1,21 +1,18 @@
 """The ``triton`` GPU kernels, run on the CPU through Triton's interpreter: same numbers as the dense torch tiles.
 
-Triton decides between compiling and interpreting when it is first imported, so ``TRITON_INTERPRET=1`` is set here,
-before anything imports it (on a machine with a GPU the kernels are compiled instead).
+``TRITON_INTERPRET=1`` is set by ``tests/conftest.py`` before anything imports Triton (on a machine with a GPU the
+kernels are compiled instead).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install -e '.[test]' brings it)", allow_module_level=True)
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
 
 from geomed import Measure, sinkhorn_divergence  # noqa: E402
 from geomed.ot.softmin import DenseSoftmin  # noqa: E402
