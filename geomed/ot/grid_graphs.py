@@ -21,8 +21,9 @@ replays it on the next calls: one launch for the whole solve. What makes the seq
 The graph's inputs and outputs are its own buffers: the weights are copied in, the potentials copied out, so a
 result stays valid after the next replay. The value and its gradients are computed after the replay, eagerly,
 from the potentials (:func:`geomed.ot.divergence.divergence`). The schedule of a replayed solve is the captured
-one, with ``seconds`` NaN (its steps are not timed apart). Should a capture fail (an operation that CUDA graphs
-refuse), the solve runs eagerly from then on, with a logged warning.
+one, with ``seconds`` NaN (its steps are not timed apart). The first call returns the eager solve that precedes
+the recording, and checks that a first replay gives the same potentials. Should a capture fail (an operation that
+CUDA graphs refuse) or its replay differ, the solve runs eagerly from then on, with a logged warning.
 """
 
 from __future__ import annotations
@@ -87,19 +88,35 @@ def solve_as_graph(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: 
         With ``tol=None`` and ``max_iter=0`` (:func:`graph_applies`).
     """
     key = (grid, problem, tuple(alpha.shape), tuple(beta.shape), alpha.dtype, alpha.device)
-    if key not in _graphs:
-        _graphs[key] = _capture(x, y, alpha, beta, grid, problem)
-        while len(_graphs) > _CAPACITY:
-            _graphs.popitem(last=False)
-    _graphs.move_to_end(key)
-    captured = _graphs[key]
-    if captured is None:
-        return _solve(x, y, alpha, beta, grid, problem)
+    if key in _graphs:
+        _graphs.move_to_end(key)
+        captured = _graphs[key]
+        return _solve(x, y, alpha, beta, grid, problem) if captured is None else _replay(captured, alpha, beta)
+    captured, eager = _capture(x, y, alpha, beta, grid, problem)
+    if captured is not None and not _agrees(_replay(captured, alpha, beta)[0], eager[0]):
+        logger.warning("the CUDA graph of the grid solve of shape %s does not replay the eager solve; it runs "
+                       "eagerly", grid.shape)
+        captured = None
+    _graphs[key] = captured
+    while len(_graphs) > _CAPACITY:
+        _graphs.popitem(last=False)
+    return eager
+
+
+def _replay(captured: _Captured, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[Solution, dict[str, Softmin]]:
     captured.inputs[0].copy_(alpha)
     captured.inputs[1].copy_(beta)
     captured.graph.replay()
     f, g, f_aa, g_bb, error = (None if t is None else t.clone() for t in captured.outputs)
     return Solution(f, g, f_aa, g_bb, error, False, captured.schedule), captured.softmins
+
+
+def _agrees(replayed: Solution, eager: Solution) -> bool:
+    """Whether a first replay gives the eager solve's potentials (the same operations: equal up to rounding) — a
+    check, at capture time only, that the graph recorded the whole solve."""
+    return all(a is None and b is None or a is not None and b is not None and torch.allclose(a, b, rtol=1e-5,
+                                                                                            atol=1e-6)
+               for a, b in zip(replayed.potentials, eager.potentials))
 
 
 def _solve(x, y, alpha, beta, grid: DenseGrid, problem: Problem) -> tuple[Solution, dict[str, Softmin]]:
@@ -108,23 +125,28 @@ def _solve(x, y, alpha, beta, grid: DenseGrid, problem: Problem) -> tuple[Soluti
     return sinkhorn_loop(pyramid, problem), pyramid.softmins
 
 
-def _capture(x, y, alpha, beta, grid: DenseGrid, problem: Problem) -> _Captured | None:
-    """Warm up (builds the kernel constants, cuBLAS's workspaces) on a side stream, then record the solve."""
+def _capture(x, y, alpha, beta, grid: DenseGrid, problem: Problem
+             ) -> tuple[_Captured | None, tuple[Solution, dict[str, Softmin]]]:
+    """The solve run eagerly on a side stream (it also builds the kernel constants and cuBLAS's workspaces), then
+    recorded; returns the recording (None if CUDA refused it) and the eager solve."""
     inputs = (alpha.clone(), beta.clone())
     current = torch.cuda.current_stream(alpha.device)
     side = torch.cuda.Stream(alpha.device)
     side.wait_stream(current)
+    with torch.cuda.stream(side):
+        eager = _solve(x, y, *inputs, grid, problem)
+    current.wait_stream(side)
+    for tensor in (*eager[0].potentials, eager[0].error):  # made on the side stream, used on this one
+        if isinstance(tensor, torch.Tensor):
+            tensor.record_stream(current)
     try:
-        with torch.cuda.stream(side):
-            _solve(x, y, *inputs, grid, problem)
-        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with axis_kernels.recording() as kernels, torch.cuda.graph(graph):
             solution, softmins = _solve(x, y, *inputs, grid, problem)
     except RuntimeError as error:
         logger.warning("the grid solve of shape %s could not be captured as a CUDA graph (%s); it runs eagerly",
                        grid.shape, error)
-        return None
+        return None, eager
     error = solution.error if isinstance(solution.error, torch.Tensor) else torch.tensor(solution.error)
     schedule = [replace(step, seconds=math.nan) for step in solution.schedule]
-    return _Captured(graph, inputs, (*solution.potentials, error), schedule, softmins, kernels)
+    return _Captured(graph, inputs, (*solution.potentials, error), schedule, softmins, kernels), eager
