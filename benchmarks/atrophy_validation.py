@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geomed import __version__, datasets
+from geomed import __version__
 from geomed.synthetic_cohort import STRUCTURES, synthetic_cohort
 from geomed.study import run_study
 

@@ -47,8 +47,8 @@ from geomed.io import atomic_path
 
 from .losses import BoundaryKernelLoss, SinkhornSegmentationLoss
 
-__all__ = ["GeometricCompoundLoss", "install", "nnUNetTrainerDiceBoundaryKernel", "nnUNetTrainerDiceSinkhorn",
-           "uninstall"]
+__all__ = ["GeometricCompoundLoss", "geometric_loss", "install", "nnUNetTrainerDiceBoundaryKernel",
+           "nnUNetTrainerDiceSinkhorn", "trainers_folder", "uninstall"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             removed = uninstall()
             print(f"removed: {removed}" if removed else "nothing to remove: geomed's trainers were not installed")
-    except (OSError, FileExistsError) as error:
+    except OSError as error:  # FileExistsError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

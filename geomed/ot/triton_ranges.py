@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .blocksparse import RangePattern, RangeSoftmin
-from .triton_softmin import _average_step, _inverse, _load_rows, _lse_step, _next_power_of_two
+from .triton_softmin import _average_step, _FusedAverages, _inverse, _load_rows, _lse_step, _next_power_of_two
 
 __all__ = ["TritonRangeSoftmin"]
 
@@ -33,7 +33,7 @@ else:
 _tuned = triton.autotune(configs=_CONFIGS, key=["D", "P"])
 
 
-class TritonRangeSoftmin(RangeSoftmin):
+class TritonRangeSoftmin(_FusedAverages, RangeSoftmin):
     """:class:`~geomed.ot.blocksparse.RangeSoftmin` (batch of one) with the softmin, the soft averages and the
     ``p = 1`` cost gradient computed by fused Triton kernels over the pattern's ranges; O(N + kept ranges)
     memory."""
@@ -51,15 +51,6 @@ class TritonRangeSoftmin(RangeSoftmin):
             x[0].contiguous(), y[0].contiguous(), h[0].contiguous(), out, *self._ranges, _inverse(eps, x),
             D=x.shape[-1], DP=_next_power_of_two(x.shape[-1]), P=self.p)
         return out.mul_(-eps).unsqueeze(0)
-
-    def average(self, eps, x, y, h, softmin, values):
-        return self._weighted_sum(eps, x, y, h, softmin, values, divide_by_distance=False)
-
-    def cost_gradient(self, eps, x, y, h, softmin):
-        """Σ_j w_ij (x_i − y_j)/|x_i − y_j| for p = 1 (0 where x_i = y_j), (1, N, D)."""
-        ones = torch.ones(*y.shape[:-1], 1, dtype=y.dtype, device=y.device)
-        sums = self._weighted_sum(eps, x, y, h, softmin, torch.cat([y, ones], -1), divide_by_distance=True)
-        return x * sums[..., -1:] - sums[..., :-1]
 
     def _weighted_sum(self, eps, x, y, h, softmin, values, *, divide_by_distance):
         k = values.shape[-1]

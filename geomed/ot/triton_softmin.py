@@ -35,7 +35,21 @@ def _next_power_of_two(value: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (value - 1).bit_length())
 
 
-class TritonSoftmin:
+class _FusedAverages:
+    """The soft average and the ``p = 1`` cost gradient of a fused softmin, both from its ``_weighted_sum`` (one
+    kernel: Σ_j w_ij v_j, or Σ_j w_ij v_j / |x_i − y_j|)."""
+
+    def average(self, eps, x, y, h, softmin, values):
+        return self._weighted_sum(eps, x, y, h, softmin, values, divide_by_distance=False)
+
+    def cost_gradient(self, eps, x, y, h, softmin):
+        """Σ_j w_ij ∇_x C(x_i, y_j) for p = 1: Σ_j w_ij (x_i − y_j)/|x_i − y_j| (0 where x_i = y_j), (B, N, D)."""
+        ones = torch.ones(*y.shape[:-1], 1, dtype=y.dtype, device=y.device)
+        sums = self._weighted_sum(eps, x, y, h, softmin, torch.cat([y, ones], -1), divide_by_distance=True)
+        return x * sums[..., -1:] - sums[..., :-1]
+
+
+class TritonSoftmin(_FusedAverages):
     """Softmin and soft averages as fused Triton kernels (GPU); O(N + M) memory, ``p`` in {1, 2}."""
 
     name = "triton"
@@ -50,15 +64,6 @@ class TritonSoftmin:
             x.contiguous(), y.contiguous(), h.contiguous(), out, n, y.shape[1], _inverse(eps, x),
             D=dim, DP=_next_power_of_two(dim), P=self.p)
         return out.mul_(-eps)
-
-    def average(self, eps, x, y, h, softmin, values):
-        return self._weighted_sum(eps, x, y, h, softmin, values, divide_by_distance=False)
-
-    def cost_gradient(self, eps, x, y, h, softmin):
-        """Σ_j w_ij ∇_x C(x_i, y_j) for p = 1: Σ_j w_ij (x_i − y_j)/|x_i − y_j| (0 where x_i = y_j), (B, N, D)."""
-        ones = torch.ones(*y.shape[:-1], 1, dtype=y.dtype, device=y.device)
-        sums = self._weighted_sum(eps, x, y, h, softmin, torch.cat([y, ones], -1), divide_by_distance=True)
-        return x * sums[..., -1:] - sums[..., :-1]
 
     def _weighted_sum(self, eps, x, y, h, softmin, values, *, divide_by_distance):
         batch, n, dim = x.shape
